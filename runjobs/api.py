@@ -1,0 +1,163 @@
+"""The Python API for applications that create jobs, and the submit logic the
+CLI shares with it: validate, apply the action's defaults, store."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import time
+from typing import Any, Iterable, Mapping
+
+from .actions import Registry
+from .config import Settings, load_settings, validate_capacity
+from .errors import ConfigError, UsageError
+from .models import FINAL, Job, JobSpec, Status
+from .store import Store, Submitted, open_store
+
+_SPEC_FIELDS = ("action", "params", "priority", "run_at", "run_in", "max_start_at", "timeout",
+                "retries", "needs", "key", "hold")
+
+
+def build_spec(registry: Registry, action: str, params: Mapping[str, Any] | None = None, *,
+               priority: int | None = None, run_at: dt.datetime | None = None,
+               run_in: float | None = None, max_start_at: dt.datetime | None = None,
+               timeout: float | None = None, retries: int | None = None,
+               needs: Mapping[str, int] | None = None, key: str | None = None,
+               hold: bool = False, rerun_of: int | None = None) -> JobSpec:
+    """A validated JobSpec with the action's registered defaults applied.
+
+    Raises UsageError naming the bad part; nothing is written.
+    """
+    registered = registry.require(action)
+    params = dict(params or {})
+    try:
+        json.dumps(params, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"params: not JSON: {exc}") from None
+    for name, value in (("run_at", run_at), ("max_start_at", max_start_at)):
+        if value is not None and (not isinstance(value, dt.datetime) or value.tzinfo is None):
+            raise UsageError(f"{name}: expected a datetime with a time zone, got {value!r}")
+    if run_at is not None and run_in is not None:
+        raise UsageError("give run_at or run_in, not both")
+    return JobSpec(
+        action=action, params=params,
+        priority=_whole("priority", registered.priority if priority is None else priority, True),
+        run_at=run_at, run_in=_seconds("run_in", run_in), max_start_at=max_start_at,
+        timeout=_seconds("timeout", timeout, positive=True),
+        retries=_whole("retries", registered.retries if retries is None else retries),
+        needs=_needs(needs if needs is not None else registered.needs),
+        key=_key(key), hold=bool(hold), rerun_of=rerun_of,
+    )
+
+
+def _whole(name: str, value: Any, negative: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or (value < 0 and not negative):
+        raise UsageError(f"{name}: expected a whole number, got {value!r}")
+    return value
+
+
+def _seconds(name: str, value: Any, positive: bool = False) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, dt.timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (positive and value == 0):
+        raise UsageError(f"{name}: expected a number of seconds, got {value!r}")
+    return float(value)
+
+
+def _needs(needs: Mapping[str, int] | None) -> dict[str, int] | None:
+    if needs is None:
+        return None
+    try:
+        return validate_capacity(needs, "needs")
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _key(key: str | None) -> str | None:
+    if key is not None and (not isinstance(key, str) or not key or len(key) > 255):
+        raise UsageError(f"key: expected 1 to 255 characters, got {key!r}")
+    return key
+
+
+class Client:
+    """Submit and follow jobs on one database. Build it with `connect()`."""
+
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        self.registry = Registry(settings)
+        self._store = store
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = open_store(self.settings)
+        return self._store
+
+    def submit(self, action: str, params: Mapping[str, Any] | None = None, **options: Any) -> int:
+        """Store one job; returns its id (an open job's id for a known `key`)."""
+        return self.submit_specs([build_spec(self.registry, action, params, **options)])[0].id
+
+    def submit_many(self, jobs: Iterable[Mapping[str, Any]]) -> list[int]:
+        """Store several jobs in one transaction; all or none."""
+        specs = []
+        for number, job in enumerate(jobs, 1):
+            unknown = set(job) - set(_SPEC_FIELDS)
+            if unknown or "action" not in job:
+                problem = f"unknown field(s) {sorted(unknown)}" if unknown else "no action"
+                raise UsageError(f"job {number}: {problem}")
+            fields = dict(job)
+            specs.append(build_spec(self.registry, fields.pop("action"), **fields))
+        return [s.id for s in self.submit_specs(specs)]
+
+    def submit_specs(self, specs: list[JobSpec]) -> list[Submitted]:
+        return self.store.jobs_submit(specs) if specs else []
+
+    def get(self, job_id: int) -> Job:
+        return self.store.job_get(job_id)
+
+    def cancel(self, job_id: int) -> Status:
+        return self.store.job_cancel(job_id)
+
+    def wait(self, job_id: int, timeout: float | None = None, interval: float = 0.2) -> Job:
+        """Poll until the job is final; TimeoutError after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.store.job_get(job_id)
+            if job.status in FINAL:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} is still {job.status.value}")
+            time.sleep(interval)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.dispose()
+
+
+def connect(database_url: str | None = None) -> Client:
+    """A client on `database_url`, else on the configured database."""
+    return Client(load_settings(database_url=database_url))
+
+
+_default: Client | None = None
+
+
+def _default_client() -> Client:
+    global _default
+    if _default is None:
+        _default = connect()
+    return _default
+
+
+def submit(action: str, params: Mapping[str, Any] | None = None, **options: Any) -> int:
+    """Submit one job with the configured settings; returns its id."""
+    return _default_client().submit(action, params, **options)
+
+
+def submit_many(jobs: Iterable[Mapping[str, Any]]) -> list[int]:
+    """Submit several jobs in one transaction; returns their ids in order."""
+    return _default_client().submit_many(jobs)

@@ -1,0 +1,271 @@
+"""Settings: defaults < TOML config file < RUNJOBS_* environment variables.
+
+Everything else receives a frozen `Settings`; nothing else reads os.environ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+SYSTEM_CONFIG = Path("/etc/runjobs/runjobs.toml")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+# Keys a config file or RUNJOBS_<KEY> may set. RUNJOBS_HOME and RUNJOBS_CONFIG
+# are environment only (they say where the config file is).
+_KEYS = (
+    "database_url", "log_dir", "lock_file", "node", "capacity", "period",
+    "margin", "poll_interval", "heartbeat_interval", "heartbeat_timeout",
+    "default_timeout", "retention", "retry_backoff", "timezone",
+    "warning_exit_codes", "group", "grace_period",
+)
+_DURATION_KEYS = (
+    "period", "margin", "poll_interval", "heartbeat_interval",
+    "heartbeat_timeout", "default_timeout", "retention", "retry_backoff",
+    "grace_period",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    home: Path
+    config_file: Path | None
+    database_url: str
+    log_dir: Path
+    lock_file: Path
+    node: str
+    capacity: Mapping[str, int]
+    period: float = 60.0
+    margin: float = 5.0
+    poll_interval: float = 1.0
+    heartbeat_interval: float = 5.0
+    heartbeat_timeout: float = 30.0
+    default_timeout: float | None = None
+    retention: float = 30 * 86400.0
+    retry_backoff: float = 10.0
+    grace_period: float = 10.0
+    timezone: str | None = None
+    warning_exit_codes: tuple[int, ...] = ()
+    group: str | None = None
+    actions: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def job_log_dir(self) -> Path:
+        return self.log_dir / "jobs"
+
+    @property
+    def file_mode(self) -> int:
+        """Mode of the SQLite file and job logs: owner only, or owner+group."""
+        return 0o660 if self.group else 0o600
+
+    @property
+    def dir_mode(self) -> int:
+        return 0o770 if self.group else 0o700
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def parse_duration(value: Any, key: str = "duration") -> float:
+    """`90s`, `10m`, `1h30m`, `2d` or a number of seconds -> seconds.
+
+    Raises ConfigError naming `key` for anything else (negative included).
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration like 90s, 10m, 1h30m, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _DURATION_PART.findall(text)
+            if not text or "".join(n + u for n, u in parts) != text:
+                raise ConfigError(
+                    f"{key}: expected a duration like 90s, 10m, 1h30m, 2d, got {value!r}"
+                ) from None
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    if seconds < 0 or seconds != seconds:
+        raise ConfigError(f"{key}: a duration cannot be negative, got {value!r}")
+    return seconds
+
+
+def pg_url(url: str) -> str:
+    """A plain postgresql:// URL means psycopg2 (SQLAlchemy 2.1 would pick psycopg 3)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    return url
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ***: safe to print or log."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def default_home(environ: Mapping[str, str]) -> Path:
+    if environ.get("RUNJOBS_HOME"):
+        return Path(environ["RUNJOBS_HOME"]).expanduser()
+    if os.geteuid() == 0:
+        return Path("/var/lib/runjobs")
+    return Path.home() / ".local" / "state" / "runjobs"
+
+
+def _config_path(environ: Mapping[str, str], home: Path) -> Path | None:
+    if environ.get("RUNJOBS_CONFIG"):
+        path = Path(environ["RUNJOBS_CONFIG"]).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"RUNJOBS_CONFIG: no such file: {path}")
+        return path
+    for path in (SYSTEM_CONFIG, home / "runjobs.toml"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _env_value(key: str, text: str) -> Any:
+    """Environment values are text; tables and lists are given as JSON."""
+    if key == "capacity":
+        return _parse_capacity_text(text)
+    if key == "warning_exit_codes":
+        return [int(x) for x in re.split(r"[,\s]+", text.strip("[] ")) if x]
+    return text
+
+
+def _parse_capacity_text(text: str) -> Any:
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise ConfigError(f"RUNJOBS_CAPACITY: bad JSON: {text!r}") from None
+    table = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, count = item.partition("=")
+        if not sep:
+            raise ConfigError(
+                f"RUNJOBS_CAPACITY: expected NAME=N[,NAME=N] or JSON, got {text!r}")
+        table[name.strip()] = count.strip()
+    return table
+
+
+def validate_capacity(table: Any, key: str = "capacity") -> dict[str, int]:
+    """A table of resource name -> positive whole number."""
+    if not isinstance(table, Mapping) or not table:
+        raise ConfigError(f"{key}: expected a table like {{default = 4}}, got {table!r}")
+    result = {}
+    for name, count in table.items():
+        try:
+            number = int(count)
+        except (TypeError, ValueError):
+            number = -1
+        if isinstance(count, bool) or number < 0 or str(number) != str(count).strip():
+            raise ConfigError(f"{key}.{name}: expected a whole number >= 0, got {count!r}")
+        result[str(name)] = number
+    return result
+
+
+def _validate(raw: dict[str, Any], home: Path, config_file: Path | None) -> Settings:
+    values: dict[str, Any] = {}
+    for key in _DURATION_KEYS:
+        if raw.get(key) is not None:
+            values[key] = parse_duration(raw[key], key)
+    if "default_timeout" in values and values["default_timeout"] == 0:
+        values["default_timeout"] = None
+    capacity = validate_capacity(raw.get("capacity", {"default": 4}))
+    try:
+        codes = tuple(int(c) for c in raw.get("warning_exit_codes", ()))
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"warning_exit_codes: expected a list of numbers, got {raw['warning_exit_codes']!r}"
+        ) from None
+    log_dir = Path(raw.get("log_dir") or home / "logs").expanduser()
+    settings = Settings(
+        home=home,
+        config_file=config_file,
+        database_url=pg_url(str(raw.get("database_url") or f"sqlite:///{home / 'runjobs.db'}")),
+        log_dir=log_dir,
+        lock_file=Path(raw.get("lock_file") or home / "runjobs.lock").expanduser(),
+        node=str(raw.get("node") or socket.gethostname()),
+        capacity=capacity,
+        timezone=raw.get("timezone") or None,
+        warning_exit_codes=codes,
+        group=raw.get("group") or None,
+        actions=_validate_actions(raw.get("actions", {})),
+        **values,
+    )
+    _check_timing(settings)
+    return settings
+
+
+def _check_timing(s: Settings) -> None:
+    if s.period <= 0:
+        raise ConfigError(f"period: must be more than 0, got {s.period:g}s")
+    if not 0 <= s.margin < s.period:
+        raise ConfigError(
+            f"margin: must be at least 0 and less than period ({s.period:g}s), got {s.margin:g}s")
+    if s.poll_interval <= 0:
+        raise ConfigError("poll_interval: must be more than 0")
+    if s.heartbeat_interval <= 0:
+        raise ConfigError("heartbeat_interval: must be more than 0")
+    # A runner is declared dead only after several missed heartbeats, and never
+    # faster than it polls: otherwise a busy but healthy runner gets rescued.
+    if s.heartbeat_timeout < 3 * s.heartbeat_interval or s.heartbeat_timeout <= s.poll_interval:
+        raise ConfigError(
+            "heartbeat_timeout: must be at least 3 heartbeat_interval and more than "
+            f"poll_interval, got {s.heartbeat_timeout:g}s")
+
+
+def _validate_actions(table: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(table, Mapping):
+        raise ConfigError("actions: expected [actions.NAME] tables")
+    actions = {}
+    for name, spec in table.items():
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"actions.{name}: expected a table")
+        if ("callable" in spec) == ("command" in spec):
+            raise ConfigError(f"actions.{name}: give exactly one of callable or command")
+        actions[str(name)] = dict(spec)
+    return actions
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build Settings from defaults < config file < environment < overrides.
+
+    Raises ConfigError, naming the key, for any invalid value.
+    """
+    environ = os.environ if environ is None else environ
+    home = default_home(environ)
+    config_file = _config_path(environ, home)
+    raw: dict[str, Any] = _read_toml(config_file) if config_file else {}
+    unknown = set(raw) - set(_KEYS) - {"actions"}
+    if unknown:
+        raise ConfigError(f"{config_file}: unknown setting(s): {', '.join(sorted(unknown))}")
+    for key in _KEYS:
+        text = environ.get("RUNJOBS_" + key.upper())
+        if text:
+            raw[key] = _env_value(key, text)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return _validate(raw, home, config_file)

@@ -1,0 +1,170 @@
+"""Run one job and classify what happened into an Outcome.
+
+Touches no database: the runner hands the Outcome to the store afterwards, so
+return-value mapping, exit codes and DoNotRetry are testable on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import string
+import subprocess
+import traceback
+from typing import Any, Mapping
+
+from .actions import Action, JobCanceled, JobContext, JobLog
+from .errors import DoNotRetry
+from .models import Outcome, Status
+
+log = logging.getLogger("runjobs.executor")
+
+_RESULT_STATUSES = {"SUCCESS": Status.SUCCESS, "WARNING": Status.WARNING,
+                    "FAILURE": Status.FAILURE}
+
+
+def execute(action: Action, ctx: JobContext, job_log: JobLog, grace: float = 10.0) -> Outcome:
+    """Run the action for the job in `ctx` and return its Outcome. Never raises
+    (but JobCanceled and the like that arrive outside the action's call)."""
+    try:
+        if action.command is not None:
+            return run_command(action, ctx, job_log, grace)
+        return classify_return(action.resolve()(ctx))
+    except JobCanceled as stop:
+        return stopped_outcome(str(stop) or ctx.cancel_reason)
+    except DoNotRetry as exc:
+        ctx.log.error("failed, not to be retried: %s", exc)
+        return Outcome(Status.FAILURE, error=_one_line(exc), retry=False)
+    except Exception as exc:  # the action's own failure: log it, then classify
+        ctx.log.error("failed:\n%s", traceback.format_exc().rstrip())
+        return Outcome(Status.FAILURE, error=_one_line(exc))
+
+
+def stopped_outcome(reason: str) -> Outcome:
+    """A canceled job ends CANCELED; one stopped by its timeout, FAILURE."""
+    if reason.startswith("timed out"):
+        return Outcome(Status.FAILURE, error=reason)
+    return Outcome(Status.CANCELED, error=reason, retry=False)
+
+
+def classify_return(value: Any) -> Outcome:
+    """Map what a callable returned: None or a status name, or a CloudBolt-style
+    tuple (status, output[, error])."""
+    if value is None:
+        return Outcome(Status.SUCCESS)
+    output = error = None
+    status = value
+    if isinstance(value, tuple) and 1 <= len(value) <= 3:
+        status, output, error = (tuple(value) + (None, None))[:3]
+    if isinstance(status, str) and status.upper() in _RESULT_STATUSES:
+        return Outcome(_RESULT_STATUSES[status.upper()],
+                       output=_text(output), error=_text(error))
+    return Outcome(Status.FAILURE, retry=False,
+                   error=f"action returned {value!r}: expected None, a status name "
+                         "(SUCCESS, WARNING, FAILURE) or (status, output, error)")
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+# -- commands ------------------------------------------------------------------
+
+class _ArgvFormatter(string.Formatter):
+    """`{name}` only: no attribute or index lookups on params."""
+
+    def get_field(self, field_name, args, kwargs):
+        if not field_name.isidentifier():
+            raise DoNotRetry(f"bad placeholder {{{field_name}}}: use {{param_name}}")
+        if field_name not in kwargs:
+            raise DoNotRetry(f"missing param {field_name!r} for the command")
+        return kwargs[field_name], field_name
+
+
+def command_argv(template: tuple[str, ...], params: Mapping[str, Any]) -> list[str]:
+    """Each `{param}` replaced inside its own argv element: a param can never
+    become a second argument, let alone a second command."""
+    values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in params.items()}
+    formatter = _ArgvFormatter()
+    return [formatter.vformat(part, (), values) for part in template]
+
+
+def run_command(action: Action, ctx: JobContext, job_log: JobLog, grace: float) -> Outcome:
+    argv = command_argv(action.command, ctx.params)
+    log_fd = job_log.open_fd()
+    try:
+        os.write(log_fd, f"--- attempt {ctx.attempt}: {argv!r}\n".encode())
+        try:
+            # No shell, its own session (process group) so a stop reaches
+            # every process it started.
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd,
+                                       stderr=subprocess.STDOUT, start_new_session=True,
+                                       close_fds=True)
+        except OSError as exc:
+            return Outcome(Status.FAILURE, error=f"cannot start {argv[0]}: {exc.strerror}",
+                           retry=False)
+        code = _wait_or_stop(process, ctx, grace)
+    finally:
+        os.close(log_fd)
+    if ctx.canceled:
+        return stopped_outcome(ctx.cancel_reason)
+    return classify_exit(code, action)
+
+
+def _wait_or_stop(process: subprocess.Popen, ctx: JobContext, grace: float) -> int:
+    while True:
+        try:
+            return process.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            if ctx.canceled:
+                return stop_process_group(process, grace)
+        except JobCanceled:
+            # The runner raised the stop inside this thread: stop the group,
+            # then let the caller classify.
+            stop_process_group(process, grace)
+            raise
+
+
+def stop_process_group(process: subprocess.Popen, grace: float) -> int:
+    """SIGTERM to the whole group, SIGKILL after `grace` seconds."""
+    _signal_group(process.pid, signal.SIGTERM)
+    try:
+        code = process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        _signal_group(process.pid, signal.SIGKILL)
+        code = process.wait()
+    # Children that outlived their leader still hold the group: end them too.
+    _signal_group(process.pid, signal.SIGKILL)
+    return code
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def classify_exit(code: int, action: Action) -> Outcome:
+    if code == 0:
+        return Outcome(Status.SUCCESS)
+    if code in action.warning_exit_codes:
+        return Outcome(Status.WARNING, error=f"exited with code {code}")
+    if code < 0:
+        return Outcome(Status.FAILURE, error=f"killed by signal {_signal_name(-code)}")
+    return Outcome(Status.FAILURE, error=f"exited with code {code}",
+                   retry=code not in action.final_exit_codes)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)

@@ -1,0 +1,55 @@
+"""The host's claim lock: one claiming runner per lock file.
+
+filelock holds the lock itself; who holds it (pid, since when) is written
+beside it, because the lock file is truncated by every process that tries it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+
+class CycleLock:
+    def __init__(self, path: Path, mode: int = 0o600) -> None:
+        self.path = path
+        self.owner_path = path.with_name(path.name + ".owner")
+        self.mode = mode
+        self._lock: FileLock | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting; False when another process holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = FileLock(str(self.path), timeout=0, mode=self.mode)
+        try:
+            lock.acquire()
+        except Timeout:
+            return False
+        self._lock = lock
+        owner = {"pid": os.getpid(),
+                 "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        fd = os.open(self.owner_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.mode)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(owner, handle)
+        return True
+
+    def holder(self) -> str:
+        """Who holds the lock, for a person: 'pid 123 since 2026-...'."""
+        try:
+            owner = json.loads(self.owner_path.read_text())
+            return f"pid {owner['pid']} since {owner['since']}"
+        except (OSError, ValueError, KeyError):
+            return "another process (no owner record)"
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    @property
+    def held(self) -> bool:
+        return self._lock is not None

@@ -1,0 +1,44 @@
+"""Alembic, driven from runjobs: `db upgrade`, `db current`, first-use SQLite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import RunjobsError
+from .store import Store
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def _config(connection=None):
+    from alembic.config import Config
+
+    if not (MIGRATIONS / "env.py").is_file():
+        raise RunjobsError(f"migrations not found at {MIGRATIONS}: install runjobs from its checkout")
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head() -> str:
+    """The newest revision in migrations/."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_config()).get_current_head()
+
+
+def upgrade(store: Store, revision: str = "head") -> None:
+    """Upgrade in one transaction; on SQLite that transaction holds the write
+    lock from its start, so two first uses at once cannot both create tables."""
+    from alembic import command
+
+    with store.engine.begin() as conn:
+        command.upgrade(_config(conn), revision)
+
+
+def downgrade(store: Store, revision: str) -> None:
+    from alembic import command
+
+    with store.engine.begin() as conn:
+        command.downgrade(_config(conn), revision)

@@ -1,0 +1,365 @@
+"""The minute cycle: claim due jobs, run each in a thread, exit before the next
+minute.
+
+`Runner.tick()` does one round (reap finished jobs, deliver stops, claim,
+start) and returns what happened; `Runner.run()` only loops, waits and stops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import os
+import queue
+import random
+import signal
+import threading
+import time
+from typing import Callable
+
+from . import __version__
+from .actions import Action, JobCanceled, JobContext, JobLog, Registry
+from .config import Settings
+from .errors import StoreError
+from .executor import execute, stopped_outcome
+from .models import Job, Outcome, Status
+from .store import Store, needs_of, usage
+
+log = logging.getLogger("runjobs.runner")
+
+MAX_BACKOFF = 3600.0
+
+
+def cycle_deadline(now: float, period: float, margin: float) -> float:
+    """The next multiple of `period` minus `margin`; a cycle started inside
+    the margin targets the boundary after."""
+    boundary = (now // period + 1) * period
+    deadline = boundary - margin
+    if now >= deadline:
+        deadline += period
+    return deadline
+
+
+def retry_delay(attempt: int, base: float, rand: Callable[[], float] = random.random) -> float:
+    """`base` doubled per attempt, +-25 % jitter, capped at an hour."""
+    delay = min(base * 2 ** max(0, attempt - 1), MAX_BACKOFF)
+    return min(delay * (0.75 + 0.5 * rand()), MAX_BACKOFF)
+
+
+def boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
+@dataclasses.dataclass
+class RunningJob:
+    job: Job
+    action: Action
+    context: JobContext
+    thread: threading.Thread
+    started: float                     # monotonic
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    done: bool = False                 # the thread has its outcome; no more stops
+    stop_sent: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TickResult:
+    finished: int = 0
+    claimed: int = 0
+    started: int = 0
+    full: bool = False                 # claimed every slot it had: more may be due
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.finished or self.claimed)
+
+
+class Runner:
+    """One runner process's jobs. Not thread-safe: one thread calls tick()."""
+
+    def __init__(self, settings: Settings, store: Store, registry: Registry,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.clock = clock
+        self.runner_id: int | None = None
+        self.running: dict[int, RunningJob] = {}
+        self.claiming = True
+        self.stop_requested = False
+        self.wake = threading.Event()
+        self._done: queue.SimpleQueue[tuple[int, Outcome]] = queue.SimpleQueue()
+        self._unreported: list[tuple[Job, Outcome, float | None]] = []
+        self._next_cancel_check = 0.0
+        self._next_expire = 0.0
+
+    # -- one round ---------------------------------------------------------
+
+    def register(self, deadline: float | None) -> int:
+        import datetime as dt
+
+        when = dt.datetime.fromtimestamp(deadline, dt.timezone.utc) if deadline else None
+        self.runner_id = self.store.runner_register(
+            self.settings.node, os.getpid(), boot_id(), when, __version__)
+        log.info("runner %s started on %s (pid %s)", self.runner_id, self.settings.node, os.getpid())
+        return self.runner_id
+
+    def tick(self) -> TickResult:
+        finished = self._reap()
+        self._deliver_stops()
+        claimed: list[Job] = []
+        started = 0
+        slots = self._own_free_slots()
+        if self.claiming and slots > 0:
+            self._expire_now_and_then()
+            claimed = self.store.jobs_claim(
+                self.runner_id, self.settings.node, self.settings.capacity).jobs
+            started = self._start(claimed)
+        return TickResult(finished, len(claimed), started, full=bool(claimed) and len(claimed) >= slots)
+
+    def _own_free_slots(self) -> int:
+        """Free slots counting only this process's jobs: when even these fill
+        the node, there is no point asking the database."""
+        used = usage(r.job.needs for r in self.running.values())
+        return sum(max(0, n - used.get(k, 0)) for k, n in self.settings.capacity.items())
+
+    def _expire_now_and_then(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_expire:
+            self._next_expire = now + self.settings.poll_interval * 5
+            expired = self.store.jobs_expire()
+            if expired:
+                log.info("runner %s: %d job(s) expired", self.runner_id, expired)
+
+    def _start(self, claimed: list[Job]) -> int:
+        # An unregistered action still "starts", to fail at once in its thread
+        # without importing anything: the row cannot name arbitrary code.
+        actions = {job.id: self.registry.get(job.action) for job in claimed}
+        started = self.store.jobs_start(self.runner_id, [job.id for job in claimed])
+        for job in started:
+            self._launch(job, actions[job.id])
+        return len(started)
+
+    def _launch(self, job: Job, action: Action | None) -> None:
+        job_log = JobLog(self.settings.job_log_dir / f"{job.id}.log", self.settings.file_mode)
+        context = JobContext(job.id, job.params, job.attempt, job_log.logger(job.id),
+                             self._report_progress)
+        thread = threading.Thread(target=self._job_main, name=f"job-{job.id}",
+                                  args=(job.id, action, context, job_log), daemon=True)
+        self.running[job.id] = RunningJob(job, action, context, thread, time.monotonic())
+        log.info("job %s (%s) started, attempt %s", job.id, job.action, job.attempt)
+        thread.start()
+
+    def _job_main(self, job_id: int, action: Action | None, context: JobContext,
+                  job_log: JobLog) -> None:
+        outcome: Outcome | None = None
+        while True:
+            # A stop raised inside this thread may land after the action
+            # returned; loop until the outcome is safely marked done.
+            try:
+                if outcome is None:
+                    outcome = self._execute(action, context, job_log)
+                self._mark_done(job_id)
+                break
+            except JobCanceled:
+                outcome = outcome or stopped_outcome(context.cancel_reason)
+        self._done.put((job_id, outcome))
+        self.wake.set()
+
+    def _execute(self, action: Action | None, context: JobContext, job_log: JobLog) -> Outcome:
+        if action is None:
+            # A row naming an unregistered action: refused without importing.
+            return Outcome(Status.FAILURE, retry=False, error="action is not registered")
+        try:
+            return execute(action, context, job_log, self.settings.grace_period)
+        except Exception:  # a bug of ours, not of the action: keep the runner alive
+            log.exception("job %s: unexpected error", context.id)
+            return Outcome(Status.FAILURE, error="runjobs internal error; see runjobs.log")
+
+    def _mark_done(self, job_id: int) -> None:
+        entry = self.running.get(job_id)
+        if entry is None:
+            return
+        with entry.lock:
+            entry.done = True
+            if entry.stop_sent:  # drop a stop that was sent but not yet raised
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(entry.thread.ident), None)
+
+    def _reap(self) -> int:
+        results = []
+        while True:
+            try:
+                job_id, outcome = self._done.get_nowait()
+            except queue.Empty:
+                break
+            entry = self.running.pop(job_id)
+            for handler in entry.context.log.handlers:
+                handler.close()
+            results.append((entry.job, outcome, self._retry_in(entry.job, outcome)))
+            log.info("job %s (%s) ended %s%s", job_id, entry.job.action, outcome.status.value,
+                     f": {outcome.error}" if outcome.error else "")
+        self._report(results)
+        return len(results)
+
+    def _retry_in(self, job: Job, outcome: Outcome) -> float | None:
+        if outcome.status is Status.FAILURE and outcome.retry and job.attempt <= job.retries:
+            return retry_delay(job.attempt, self.settings.retry_backoff)
+        return None
+
+    def _report(self, results: list[tuple[Job, Outcome, float | None]]) -> None:
+        batch = self._unreported + results
+        if not batch:
+            return
+        try:
+            self.store.jobs_finish(self.runner_id, batch)
+            self._unreported = []
+        except StoreError as exc:
+            if not self._unreported:
+                log.error("runner %s: cannot record %d outcome(s), will retry: %s",
+                          self.runner_id, len(batch), exc)
+            self._unreported = batch
+
+    # -- stops: cancel and timeout ---------------------------------------------
+
+    def _deliver_stops(self) -> None:
+        now = time.monotonic()
+        for entry in self.running.values():
+            timeout = self._timeout_of(entry)
+            if timeout is not None and now - entry.started > timeout:
+                self._stop(entry, f"timed out after {timeout:g}s")
+        if self.running and now >= self._next_cancel_check:
+            self._next_cancel_check = now + min(self.settings.poll_interval, 0.5)
+            for job_id in self.store.jobs_canceling(self.runner_id):
+                if job_id in self.running:
+                    self._stop(self.running[job_id], "canceled")
+
+    def _timeout_of(self, entry: RunningJob) -> float | None:
+        if entry.job.timeout is not None:
+            return entry.job.timeout
+        if entry.action is not None and entry.action.timeout is not None:
+            return entry.action.timeout
+        return self.settings.default_timeout
+
+    def _stop(self, entry: RunningJob, reason: str) -> None:
+        with entry.lock:
+            if entry.done or entry.stop_sent:
+                return
+            entry.stop_sent = True
+            entry.context.request_cancel(reason)
+            log.info("job %s: %s, stopping it", entry.job.id, reason)
+            # Commands watch context.canceled and stop their process group;
+            # a callable gets the exception raised inside its thread.
+            if entry.action is not None and entry.action.command is None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(entry.thread.ident), ctypes.py_object(JobCanceled))
+
+    def _report_progress(self, job_id: int, done, total, message) -> None:
+        try:
+            self.store.job_progress(job_id, done, total, message)
+        except StoreError as exc:
+            log.warning("job %s: progress not recorded: %s", job_id, exc)
+
+    # -- the loop --------------------------------------------------------------
+
+    def stop_claiming(self) -> None:
+        """At the deadline (or on SIGTERM): claim nothing more and put back
+        what was claimed but not started."""
+        if not self.claiming:
+            return
+        self.claiming = False
+        self.store.jobs_unclaim(self.runner_id)
+        self.store.runner_set_state(self.runner_id, "draining")
+        log.info("runner %s stops claiming; %d job(s) still running",
+                 self.runner_id, len(self.running))
+
+    def run(self, deadline: float | None, once: bool = False,
+            on_stop_claiming: Callable[[], None] | None = None) -> None:
+        """Loop until the deadline (wall clock; None with `once`: until
+        nothing is left), then drain the jobs still running."""
+        if self.runner_id is None:
+            self.register(deadline)
+        heartbeat = _Heartbeat(self.store, self.runner_id, self.settings.heartbeat_interval)
+        heartbeat.start()
+        try:
+            self._loop(deadline, once, on_stop_claiming)
+        finally:
+            heartbeat.stop()
+            self._finish()
+
+    def _loop(self, deadline: float | None, once: bool,
+              on_stop_claiming: Callable[[], None] | None) -> None:
+        while True:
+            if self.claiming and (self.stop_requested or (deadline and self.clock() >= deadline)):
+                self.stop_claiming()
+                if on_stop_claiming:
+                    on_stop_claiming()
+            result = self.tick()
+            if not self.claiming and not self.running:
+                return
+            if once and self.claiming and not result.claimed and not self.running:
+                if self.store.jobs_count_active(self.settings.node) == 0:
+                    self.stop_claiming()
+                    continue
+            if result.full:
+                continue  # more may be due: claim again at once
+            self.wake.wait(self._wait_time(deadline))
+            self.wake.clear()
+
+    def _wait_time(self, deadline: float | None) -> float:
+        wait = self.settings.poll_interval
+        if self.running:
+            wait = min(wait, 0.5)  # timeouts and cancels are checked each round
+        if self.claiming and deadline:
+            wait = min(wait, max(0.0, deadline - self.clock()))
+        return wait
+
+    def _finish(self) -> None:
+        try:
+            if self.claiming:
+                self.claiming = False
+                self.store.jobs_unclaim(self.runner_id)
+            self._report([])
+            self.store.runner_set_state(self.runner_id, "exited")
+        except StoreError as exc:
+            log.error("runner %s: could not record its exit: %s", self.runner_id, exc)
+        log.info("runner %s exited", self.runner_id)
+
+    def request_stop(self, *_args) -> None:
+        """Signal handler: only set a flag; the loop does the work."""
+        self.stop_requested = True
+        self.wake.set()
+
+
+class _Heartbeat(threading.Thread):
+    """Beats from its own thread so a busy loop or a long job cannot starve it."""
+
+    def __init__(self, store: Store, runner_id: int, interval: float) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.store, self.runner_id, self.interval = store, runner_id, interval
+        self._stopped = threading.Event()
+        self._failing = False
+
+    def run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            try:
+                self.store.runner_heartbeat(self.runner_id)
+                if self._failing:
+                    log.info("runner %s: heartbeat recorded again", self.runner_id)
+                self._failing = False
+            except StoreError as exc:
+                if not self._failing:
+                    log.error("runner %s: heartbeat failed: %s", self.runner_id, exc)
+                self._failing = True
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+def install_signal_handlers(runner: Runner) -> None:
+    signal.signal(signal.SIGTERM, runner.request_stop)
+    signal.signal(signal.SIGINT, runner.request_stop)

@@ -1,0 +1,154 @@
+"""The tables, shared by the store and by Alembic's env.py.
+
+Migrations in migrations/versions create exactly this; a test compares them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import sqlalchemy as sa
+
+# The Alembic revision this code expects; a test checks it is migrations' head.
+HEAD_REVISION = "0001"
+
+ACTIVE_STATUSES = ("QUEUED", "RUNNING", "TO_CANCEL")
+NOT_FINAL_STATUSES = ("HELD", "PENDING", "QUEUED", "RUNNING", "TO_CANCEL")
+
+
+class UtcDateTime(sa.TypeDecorator):
+    """Aware UTC datetimes in and out, on both databases.
+
+    PostgreSQL stores timestamptz; SQLite has no time zone, so the value is
+    stored as naive UTC and made aware again when read.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: runjobs stores aware UTC times")
+        value = value.astimezone(dt.timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+
+
+# BIGINT ids on PostgreSQL; SQLite's autoincrement needs INTEGER PRIMARY KEY.
+Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+metadata = sa.MetaData()
+
+runners = sa.Table(
+    "runners", metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("node", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("boot_id", sa.String(64)),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("started_at", UtcDateTime, nullable=False),
+    sa.Column("heartbeat_at", UtcDateTime, nullable=False),
+    sa.Column("deadline", UtcDateTime),
+    sa.Column("exited_at", UtcDateTime),
+    sa.Column("version", sa.String(32)),
+    sa.Index("ix_runners_state_heartbeat", "state", "heartbeat_at"),
+)
+
+crons = sa.Table(
+    "crons", metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(200), nullable=False, unique=True),
+    sa.Column("schedule", sa.String(200), nullable=False),
+    sa.Column("action", sa.String(200), nullable=False),
+    sa.Column("params", sa.JSON, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("timeout", sa.Float),
+    sa.Column("retries", sa.Integer),
+    sa.Column("needs", sa.JSON),
+    sa.Column("missed", sa.String(8), nullable=False, server_default="once"),
+    sa.Column("timezone", sa.String(64)),
+    sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("last_fire_at", UtcDateTime),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+)
+
+jobs = sa.Table(
+    "jobs", metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("action", sa.String(200), nullable=False),
+    sa.Column("params", sa.JSON, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+    # attempt is 1 on the first run; 0 until a runner starts it.
+    sa.Column("attempt", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("retries", sa.Integer, nullable=False, server_default="0"),
+    # Times the job was RUNNING when its runner died, in a row (poison jobs).
+    sa.Column("crashes", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("run_at", UtcDateTime, nullable=False),
+    sa.Column("max_start_at", UtcDateTime),
+    sa.Column("timeout", sa.Float),
+    sa.Column("needs", sa.JSON),
+    sa.Column("key", sa.String(255)),
+    sa.Column("rerun_of", Id, sa.ForeignKey("jobs.id", ondelete="SET NULL")),
+    sa.Column("cron_id", Id, sa.ForeignKey("crons.id", ondelete="SET NULL")),
+    sa.Column("cron_fire_at", UtcDateTime),
+    sa.Column("runner_id", Id, sa.ForeignKey("runners.id", ondelete="SET NULL")),
+    sa.Column("node", sa.String(255)),
+    sa.Column("progress_done", sa.Float),
+    sa.Column("progress_total", sa.Float),
+    sa.Column("progress_message", sa.Text),
+    sa.Column("output", sa.Text),
+    sa.Column("error", sa.Text),
+    sa.Column("peak_rss_kb", sa.BigInteger),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("queued_at", UtcDateTime),
+    sa.Column("started_at", UtcDateTime),
+    sa.Column("finished_at", UtcDateTime),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    # The claim's scan: only PENDING rows are indexed, so a million finished
+    # jobs cost the claim nothing.
+    sa.Index(
+        "ix_jobs_pending", sa.desc("priority"), "run_at", "id",
+        postgresql_where=sa.text("status = 'PENDING'"),
+        sqlite_where=sa.text("status = 'PENDING'"),
+    ),
+    # A node's used capacity and a runner's own jobs: only active rows.
+    sa.Index(
+        "ix_jobs_active", "node", "runner_id",
+        postgresql_where=sa.text("status IN ('QUEUED', 'RUNNING', 'TO_CANCEL')"),
+        sqlite_where=sa.text("status IN ('QUEUED', 'RUNNING', 'TO_CANCEL')"),
+    ),
+    # Idempotent submit: one not-final job per key, enforced by the database.
+    sa.Index(
+        "ux_jobs_key_open", "key", unique=True,
+        postgresql_where=sa.text(
+            "key IS NOT NULL AND status IN ('HELD', 'PENDING', 'QUEUED', 'RUNNING', 'TO_CANCEL')"),
+        sqlite_where=sa.text(
+            "key IS NOT NULL AND status IN ('HELD', 'PENDING', 'QUEUED', 'RUNNING', 'TO_CANCEL')"),
+    ),
+    # One job per (cron, scheduled time), whichever runner enqueues it.
+    sa.UniqueConstraint("cron_id", "cron_fire_at", name="ux_jobs_cron_fire"),
+    sa.Index("ix_jobs_status_finished", "status", "finished_at"),
+    sa.Index("ix_jobs_action", "action"),
+)
+
+job_events = sa.Table(
+    "job_events", metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("job_id", Id, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("at", UtcDateTime, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("previous", sa.String(16)),
+    sa.Column("runner_id", Id),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("note", sa.Text),
+    sa.Index("ix_job_events_job", "job_id", "id"),
+)

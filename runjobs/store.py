@@ -1,0 +1,606 @@
+"""Every SQL statement of runjobs, on SQLite and PostgreSQL.
+
+Nothing else imports SQLAlchemy's engine or a driver. The dialect is decided
+once, when the store is built: PostgreSQL claims with FOR UPDATE SKIP LOCKED
+and uses the database's clock; SQLite serialises writers with BEGIN IMMEDIATE
+(one host, so the host's clock is the database's).
+
+Every status change is a compare-and-set on the status it expects, so a cancel
+and a finish, or two runners, can never both win. The database records each
+change in job_events itself (a trigger, see migrations/versions/0001), in the
+same transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from .config import Settings, mask_url
+from .errors import Conflict, NotFound, SchemaError, StoreError
+from .models import ACTIVE, FINAL, Event, Job, JobSpec, Outcome, Status
+from .schema import HEAD_REVISION, UtcDateTime, job_events, jobs, runners
+
+log = logging.getLogger("runjobs.store")
+
+DEFAULT_NEEDS = {"default": 1}
+_ACTIVE = [s.value for s in ACTIVE]
+_FINAL = [s.value for s in FINAL]
+_ORDER = (jobs.c.priority.desc(), jobs.c.run_at, jobs.c.id)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """What one claim round got: the jobs, and the node's use before it."""
+
+    jobs: list[Job]
+    used: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Submitted:
+    id: int
+    created: bool            # False: an open job with the same key was returned
+    params_differ: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerRow:
+    id: int
+    node: str
+    pid: int
+    boot_id: str | None
+    state: str
+    started_at: dt.datetime
+    heartbeat_at: dt.datetime
+    deadline: dt.datetime | None
+    exited_at: dt.datetime | None
+    heartbeat_age: float
+    running: tuple[int, ...]
+
+
+def needs_of(raw: Mapping[str, int] | None) -> dict[str, int]:
+    return dict(raw) if raw else dict(DEFAULT_NEEDS)
+
+
+def fits(needs: Mapping[str, int], free: Mapping[str, int]) -> bool:
+    return all(free.get(name, 0) >= count for name, count in needs.items())
+
+
+def usage(needs_list: Iterable[Mapping[str, int] | None]) -> dict[str, int]:
+    used: dict[str, int] = {}
+    for raw in needs_list:
+        for name, count in needs_of(raw).items():
+            used[name] = used.get(name, 0) + count
+    return used
+
+
+class Store:
+    """The queue. Build it with `open_store(settings)`."""
+
+    def __init__(self, engine: sa.engine.Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.is_postgres = engine.dialect.name == "postgresql"
+
+    # -- plumbing ---------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sa.Connection]:
+        """One transaction; driver errors leave as StoreError."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except sa_exc.DBAPIError as exc:
+            raise StoreError(_describe(exc)) from exc
+
+    def _now(self) -> sa.ColumnElement:
+        """'Now' as SQL: the database's clock on PostgreSQL."""
+        if self.is_postgres:
+            return sa.func.statement_timestamp(type_=UtcDateTime)
+        return sa.literal(utcnow(), UtcDateTime)
+
+    def _now_plus(self, seconds: float) -> sa.ColumnElement:
+        delta = dt.timedelta(seconds=seconds)
+        if self.is_postgres:
+            return sa.func.statement_timestamp(type_=UtcDateTime) + sa.literal(delta, sa.Interval)
+        return sa.literal(utcnow() + delta, UtcDateTime)
+
+    def db_now(self, conn: sa.Connection | None = None) -> dt.datetime:
+        if not self.is_postgres:
+            return utcnow()
+        if conn is not None:
+            return conn.execute(sa.select(self._now())).scalar_one()
+        with self._tx() as own:
+            return own.execute(sa.select(self._now())).scalar_one()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- schema -------------------------------------------------------------
+
+    def schema_revision(self) -> str | None:
+        """The Alembic revision the database is at; None for an empty one."""
+        with self._tx() as conn:
+            if not sa.inspect(conn).has_table("alembic_version"):
+                return None
+            return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
+    # -- submit ---------------------------------------------------------------
+
+    def jobs_submit(self, specs: Sequence[JobSpec]) -> list[Submitted]:
+        """Store new jobs in one transaction, in order.
+
+        A spec whose key names a job that is not final yet returns that job.
+        """
+        for attempt in range(3):
+            try:
+                with self._tx() as conn:
+                    return self._submit_in(conn, specs)
+            except StoreError as exc:
+                # Two submits of one new key at once: the loser sees the
+                # unique index and, on the next try, finds the winner's job.
+                if not isinstance(exc.__cause__, sa_exc.IntegrityError) or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _submit_in(self, conn: sa.Connection, specs: Sequence[JobSpec]) -> list[Submitted]:
+        now = self.db_now(conn) if any(s.run_in for s in specs) else None
+        existing = self._open_keys(conn, {s.key for s in specs if s.key})
+        results: list[Submitted | None] = []
+        rows = []
+        for spec in specs:
+            if spec.key in existing:
+                job_id, params = existing[spec.key]
+                results.append(Submitted(job_id, False, params != spec.params))
+                continue
+            results.append(None)
+            rows.append(self._row_of(spec, now))
+        if rows:
+            new_ids = iter(self._insert(conn, rows))
+            results = [r or Submitted(next(new_ids), True) for r in results]
+        return results  # type: ignore[return-value]
+
+    def _open_keys(self, conn: sa.Connection, keys: set[str]) -> dict[str, tuple[int, Any]]:
+        if not keys:
+            return {}
+        query = sa.select(jobs.c.key, jobs.c.id, jobs.c.params).where(
+            jobs.c.key.in_(keys), jobs.c.status.not_in(_FINAL))
+        return {key: (job_id, params) for key, job_id, params in conn.execute(query)}
+
+    @staticmethod
+    def _row_of(spec: JobSpec, now: dt.datetime | None) -> dict[str, Any]:
+        run_at = spec.run_at
+        if spec.run_in:
+            run_at = now + dt.timedelta(seconds=spec.run_in)
+        return {
+            "action": spec.action, "params": spec.params,
+            "status": (Status.HELD if spec.hold else Status.PENDING).value,
+            "priority": spec.priority, "b_run_at": run_at,
+            "max_start_at": spec.max_start_at, "timeout": spec.timeout,
+            "retries": spec.retries or 0, "needs": spec.needs, "key": spec.key,
+            "rerun_of": spec.rerun_of,
+        }
+
+    def _insert(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> list[int]:
+        now = self._now()
+        statement = (
+            sa.insert(jobs)
+            .values(created_at=now, updated_at=now,
+                    run_at=sa.func.coalesce(sa.bindparam("b_run_at", type_=UtcDateTime), now))
+            .returning(jobs.c.id, sort_by_parameter_order=True)
+        )
+        if len(rows) == 1:
+            return [conn.execute(statement, rows[0]).scalar_one()]
+        return list(conn.execute(statement, rows).scalars())
+
+    # -- claim, start, finish ---------------------------------------------------
+
+    def jobs_claim(self, runner_id: int, node: str, capacity: Mapping[str, int],
+                   limit: int | None = None) -> Claim:
+        """PENDING -> QUEUED for due jobs that fit the node's free capacity.
+
+        The node's use is counted from its QUEUED/RUNNING/TO_CANCEL rows in
+        the same transaction, so a draining runner's jobs count too. `limit`
+        caps the number of jobs (None: as many as fit).
+        """
+        with self._tx() as conn:
+            used = self._node_usage(conn, node)
+            free = {name: count - used.get(name, 0) for name, count in capacity.items()}
+            slots = sum(max(0, n) for n in free.values())
+            if limit is not None:
+                slots = min(slots, limit)
+            if slots <= 0:
+                return Claim([], used)
+            chosen = self._choose(conn, free, slots)
+            if not chosen:
+                return Claim([], used)
+            now = self._now()
+            rows = conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id.in_(chosen), jobs.c.status == Status.PENDING.value)
+                .values(status=Status.QUEUED.value, runner_id=runner_id, node=node,
+                        queued_at=now, updated_at=now)
+                .returning(*jobs.c)
+            ).all()
+        claimed = sorted((_job(r) for r in rows), key=lambda j: (-j.priority, j.run_at, j.id))
+        return Claim(claimed, used)
+
+    def _node_usage(self, conn: sa.Connection, node: str) -> dict[str, int]:
+        query = sa.select(jobs.c.needs).where(jobs.c.node == node, jobs.c.status.in_(_ACTIVE))
+        return usage(conn.execute(query).scalars())
+
+    def _choose(self, conn: sa.Connection, free: dict[str, int], slots: int) -> list[int]:
+        """Ids of due jobs, best first, that fit `free` (which it consumes)."""
+        now = self._now()
+        # Look past a few jobs that need more than is free, so one big job
+        # at the head of the queue does not stop small ones from starting.
+        query = (
+            sa.select(jobs.c.id, jobs.c.needs)
+            .where(jobs.c.status == Status.PENDING.value, jobs.c.run_at <= now,
+                   sa.or_(jobs.c.max_start_at.is_(None), jobs.c.max_start_at > now))
+            .order_by(*_ORDER)
+            .limit(slots + 16)
+        )
+        if self.is_postgres:
+            query = query.with_for_update(skip_locked=True, of=jobs)
+        chosen = []
+        for job_id, raw_needs in conn.execute(query):
+            needs = needs_of(raw_needs)
+            if fits(needs, free):
+                chosen.append(job_id)
+                for name, count in needs.items():
+                    free[name] -= count
+                if len(chosen) >= slots:
+                    break
+        return chosen
+
+    def jobs_start(self, runner_id: int, ids: Sequence[int]) -> list[Job]:
+        """QUEUED -> RUNNING (attempt + 1) for this runner's jobs.
+
+        A job canceled while QUEUED is not started: it ends CANCELED here.
+        Returns the jobs that did start.
+        """
+        if not ids:
+            return []
+        with self._tx() as conn:
+            now = self._now()
+            rows = conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id.in_(ids), jobs.c.runner_id == runner_id,
+                       jobs.c.status == Status.QUEUED.value)
+                .values(status=Status.RUNNING.value, attempt=jobs.c.attempt + 1,
+                        started_at=now, updated_at=now, error=None)
+                .returning(*jobs.c)
+            ).all()
+            if len(rows) < len(ids):
+                self._cancel_unstarted(conn, runner_id, ids)
+        return [_job(r) for r in rows]
+
+    def _cancel_unstarted(self, conn: sa.Connection, runner_id: int, ids: Sequence[int]) -> None:
+        now = self._now()
+        conn.execute(
+            sa.update(jobs)
+            .where(jobs.c.id.in_(ids), jobs.c.runner_id == runner_id,
+                   jobs.c.status == Status.TO_CANCEL.value, jobs.c.started_at.is_(None))
+            .values(status=Status.CANCELED.value, finished_at=now, updated_at=now,
+                    error="canceled before it started")
+        )
+
+    def jobs_unclaim(self, runner_id: int, ids: Sequence[int] | None = None) -> int:
+        """Put back QUEUED jobs this runner did not start (all, or `ids`).
+
+        One canceled meanwhile ends CANCELED. Returns how many went back.
+        """
+        with self._tx() as conn:
+            where = [jobs.c.runner_id == runner_id, jobs.c.status == Status.QUEUED.value]
+            if ids is not None:
+                where.append(jobs.c.id.in_(ids))
+            result = conn.execute(
+                sa.update(jobs).where(*where)
+                .values(status=Status.PENDING.value, runner_id=None, node=None,
+                        queued_at=None, updated_at=self._now())
+            )
+            unstarted = sa.select(jobs.c.id).where(
+                jobs.c.runner_id == runner_id, jobs.c.status == Status.TO_CANCEL.value,
+                jobs.c.started_at.is_(None))
+            self._cancel_unstarted(conn, runner_id, list(conn.execute(unstarted).scalars()))
+            return result.rowcount
+
+    def jobs_finish(self, runner_id: int, results: Sequence[tuple[Job, Outcome, float | None]]
+                    ) -> list[int]:
+        """Record outcomes of this runner's RUNNING (or TO_CANCEL) jobs.
+
+        Each result is (job, outcome, retry_in): retry_in seconds puts the job
+        back to PENDING for another attempt, None makes the outcome final.
+        Jobs with the same plain outcome share one statement. A job being
+        canceled that failed ends CANCELED and is not retried. Returns the ids
+        written (a job whose status changed under it is left alone).
+        """
+        written: list[int] = []
+        with self._tx() as conn:
+            groups: dict[tuple, list[int]] = {}
+            for job, outcome, retry_in in results:
+                if retry_in is not None:
+                    written += self._retry(conn, runner_id, job, outcome, retry_in)
+                elif outcome.output is None and outcome.error is None and outcome.peak_rss_kb is None:
+                    groups.setdefault((outcome.status,), []).append(job.id)
+                else:
+                    written += self._final(conn, runner_id, [job.id], outcome)
+            for (status,), ids in groups.items():
+                written += self._final(conn, runner_id, ids, Outcome(status))
+        return written
+
+    def _final(self, conn: sa.Connection, runner_id: int, ids: list[int],
+               outcome: Outcome) -> list[int]:
+        now = self._now()
+        canceling = jobs.c.status == Status.TO_CANCEL.value
+        status: Any = outcome.status.value
+        if outcome.status in (Status.FAILURE, Status.CANCELED):
+            status = sa.case((canceling, Status.CANCELED.value), else_=outcome.status.value)
+        values = dict(status=status, finished_at=now, updated_at=now,
+                      output=outcome.output, error=outcome.error)
+        if outcome.peak_rss_kb is not None:
+            values["peak_rss_kb"] = outcome.peak_rss_kb
+        result = conn.execute(
+            sa.update(jobs)
+            .where(jobs.c.id.in_(ids), jobs.c.runner_id == runner_id,
+                   jobs.c.status.in_([Status.RUNNING.value, Status.TO_CANCEL.value]))
+            .values(**values).returning(jobs.c.id)
+        )
+        return list(result.scalars())
+
+    def _retry(self, conn: sa.Connection, runner_id: int, job: Job, outcome: Outcome,
+               retry_in: float) -> list[int]:
+        result = conn.execute(
+            sa.update(jobs)
+            .where(jobs.c.id == job.id, jobs.c.runner_id == runner_id,
+                   jobs.c.status == Status.RUNNING.value)
+            .values(status=Status.PENDING.value, run_at=self._now_plus(retry_in),
+                    runner_id=None, node=None, queued_at=None, output=outcome.output,
+                    error=outcome.error, updated_at=self._now())
+            .returning(jobs.c.id)
+        )
+        ids = list(result.scalars())
+        if not ids:  # canceled meanwhile: never retried
+            return self._final(conn, runner_id, [job.id], Outcome(Status.CANCELED, error=outcome.error))
+        return ids
+
+    def job_progress(self, job_id: int, done: float | None, total: float | None,
+                     message: str | None) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                sa.update(jobs).where(jobs.c.id == job_id)
+                .values(progress_done=done, progress_total=total, progress_message=message)
+            )
+
+    def jobs_expire(self) -> int:
+        """PENDING jobs past their max_start_at -> EXPIRED."""
+        with self._tx() as conn:
+            now = self._now()
+            return conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.status == Status.PENDING.value, jobs.c.max_start_at < now)
+                .values(status=Status.EXPIRED.value, finished_at=now, updated_at=now,
+                        error="not started before its max start time")
+            ).rowcount
+
+    def jobs_canceling(self, runner_id: int) -> list[int]:
+        """Ids of this runner's jobs a person asked to cancel."""
+        with self._tx() as conn:
+            return list(conn.execute(
+                sa.select(jobs.c.id).where(jobs.c.runner_id == runner_id,
+                                           jobs.c.status == Status.TO_CANCEL.value)
+            ).scalars())
+
+    def job_cancel(self, job_id: int) -> Status:
+        """HELD/PENDING -> CANCELED; QUEUED/RUNNING -> TO_CANCEL.
+
+        Returns the new status. Raises NotFound, or Conflict for a final job.
+        """
+        with self._tx() as conn:
+            now = self._now()
+            at_once = conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id == job_id,
+                       jobs.c.status.in_([Status.HELD.value, Status.PENDING.value]))
+                .values(status=Status.CANCELED.value, finished_at=now, updated_at=now,
+                        error="canceled before it started")
+            ).rowcount
+            if at_once:
+                return Status.CANCELED
+            later = conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id == job_id,
+                       jobs.c.status.in_([Status.QUEUED.value, Status.RUNNING.value]))
+                .values(status=Status.TO_CANCEL.value, updated_at=now)
+            ).rowcount
+            if later:
+                return Status.TO_CANCEL
+            current = conn.execute(sa.select(jobs.c.status).where(jobs.c.id == job_id)).scalar()
+        if current is None:
+            raise NotFound(f"job {job_id} does not exist")
+        if current == Status.TO_CANCEL.value:
+            return Status.TO_CANCEL
+        raise Conflict(f"job {job_id} is {current}: it cannot be canceled")
+
+    # -- reading ------------------------------------------------------------------
+
+    def job_get(self, job_id: int) -> Job:
+        """The job; raises NotFound."""
+        with self._tx() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        if row is None:
+            raise NotFound(f"job {job_id} does not exist")
+        return _job(row)
+
+    def job_status(self, job_id: int) -> Status:
+        with self._tx() as conn:
+            value = conn.execute(sa.select(jobs.c.status).where(jobs.c.id == job_id)).scalar()
+        if value is None:
+            raise NotFound(f"job {job_id} does not exist")
+        return Status(value)
+
+    def job_events(self, job_id: int) -> list[Event]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(job_events).where(job_events.c.job_id == job_id)
+                .order_by(job_events.c.id)
+            ).all()
+        return [Event(r.at, Status(r.status), Status(r.previous) if r.previous else None,
+                      r.runner_id, r.attempt, r.note) for r in rows]
+
+    def jobs_list(self, statuses: Sequence[Status] = (), action: str | None = None,
+                  limit: int = 50) -> list[Job]:
+        """Jobs, newest first."""
+        query = sa.select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+        if statuses:
+            query = query.where(jobs.c.status.in_([s.value for s in statuses]))
+        if action:
+            query = query.where(jobs.c.action == action)
+        with self._tx() as conn:
+            return [_job(r) for r in conn.execute(query)]
+
+    def jobs_count_active(self, node: str) -> int:
+        with self._tx() as conn:
+            return conn.execute(
+                sa.select(sa.func.count()).select_from(jobs)
+                .where(jobs.c.node == node, jobs.c.status.in_(_ACTIVE))
+            ).scalar_one()
+
+    # -- runners --------------------------------------------------------------------
+
+    def runner_register(self, node: str, pid: int, boot_id: str | None,
+                        deadline: dt.datetime | None, version: str) -> int:
+        with self._tx() as conn:
+            now = self._now()
+            return conn.execute(
+                sa.insert(runners)
+                .values(node=node, pid=pid, boot_id=boot_id, state="claiming",
+                        started_at=now, heartbeat_at=now, deadline=deadline, version=version)
+                .returning(runners.c.id)
+            ).scalar_one()
+
+    def runner_heartbeat(self, runner_id: int) -> None:
+        with self._tx() as conn:
+            conn.execute(sa.update(runners).where(runners.c.id == runner_id)
+                         .values(heartbeat_at=self._now()))
+
+    def runner_set_state(self, runner_id: int, state: str) -> None:
+        with self._tx() as conn:
+            now = self._now()
+            values: dict[str, Any] = {"state": state, "heartbeat_at": now}
+            if state == "exited":
+                values["exited_at"] = now
+            conn.execute(sa.update(runners).where(runners.c.id == runner_id).values(**values))
+
+    def runners_list(self, limit: int = 100) -> list[RunnerRow]:
+        with self._tx() as conn:
+            now = self.db_now(conn)
+            rows = conn.execute(
+                sa.select(runners).order_by(runners.c.id.desc()).limit(limit)).all()
+            active = conn.execute(
+                sa.select(jobs.c.runner_id, jobs.c.id)
+                .where(jobs.c.status.in_(_ACTIVE), jobs.c.runner_id.in_([r.id for r in rows]))
+                .order_by(jobs.c.id)).all()
+        running: dict[int, list[int]] = {}
+        for runner_id, job_id in active:
+            running.setdefault(runner_id, []).append(job_id)
+        return [RunnerRow(**r._asdict(),
+                          heartbeat_age=(now - r.heartbeat_at).total_seconds(),
+                          running=tuple(running.get(r.id, ()))) for r in rows]
+
+
+def _job(row: sa.Row) -> Job:
+    values = row._asdict()
+    values["status"] = Status(values["status"])
+    values["needs"] = needs_of(values["needs"])
+    values["params"] = values["params"] or {}
+    for column in ("cron_id", "cron_fire_at", "crashes"):
+        values.pop(column, None)
+    return Job(**values)
+
+
+def _describe(exc: sa_exc.DBAPIError) -> str:
+    """One line about a driver error, without the SQL or any password."""
+    text = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+    return f"database error: {text}"
+
+
+# -- building a store -------------------------------------------------------------
+
+def _sqlite_engine(settings: Settings) -> sa.engine.Engine:
+    url = sa.make_url(settings.database_url)
+    if url.database and url.database != ":memory:":
+        _prepare_sqlite_file(Path(url.database), settings)
+    engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        # Let SQLAlchemy's begin() emit our BEGIN: pysqlite's own would defer.
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        # Take the write lock up front: a read-then-write transaction that
+        # upgrades its lock later can fail at once instead of waiting.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _prepare_sqlite_file(path: Path, settings: Settings) -> None:
+    """Create the folder and the database file with owner(-group) modes."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=settings.dir_mode)
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, settings.file_mode))
+        os.chmod(path, settings.file_mode)
+
+
+def make_engine(settings: Settings) -> sa.engine.Engine:
+    if settings.is_sqlite:
+        return _sqlite_engine(settings)
+    return sa.create_engine(
+        settings.database_url, pool_size=4, max_overflow=8,
+        connect_args={"application_name": "runjobs", "connect_timeout": 10})
+
+
+def open_store(settings: Settings, *, upgrade: bool = True) -> Store:
+    """A store on the configured database, its schema at head.
+
+    The embedded SQLite default upgrades its own schema; PostgreSQL never
+    changes schema unasked: SchemaError names the command that fixes it.
+    StoreError when the database cannot be reached.
+    """
+    store = Store(make_engine(settings), settings)
+    revision = store.schema_revision()
+    if revision == HEAD_REVISION:
+        return store
+    if settings.is_sqlite and upgrade:
+        from . import migrate  # Alembic is heavy: only when there is work for it.
+        migrate.upgrade(store)
+        return store
+    where = mask_url(settings.database_url)
+    if revision is None:
+        raise SchemaError(f"{where} has no runjobs schema: run `runjobs db upgrade`")
+    raise SchemaError(
+        f"{where} is at schema revision {revision}, this runjobs needs {HEAD_REVISION}: "
+        "run `runjobs db upgrade`")

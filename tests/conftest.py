@@ -1,0 +1,114 @@
+"""Shared fixtures: real databases (a SQLite file, and PostgreSQL when
+RUNJOBS_TEST_PG_URL is set), real processes.
+
+Database-facing tests take the `db` fixture, parametrized over both
+databases; without RUNJOBS_TEST_PG_URL the PostgreSQL half skips.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import sqlalchemy as sa
+
+from runjobs.config import Settings, load_settings, pg_url
+from runjobs import migrate
+from runjobs.store import Store, make_engine, open_store
+
+REPO = Path(__file__).resolve().parent.parent
+RUNJOBS_SH = REPO / "bin" / "runjobs.sh"
+PG_URL = os.environ.get("RUNJOBS_TEST_PG_URL")
+TABLES = ("job_events", "jobs", "crons", "runners")
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.05,
+             message: str = "condition") -> object:
+    """Poll `condition` until it returns something truthy; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def pg_database_url() -> str:
+    """The PostgreSQL test database, upgraded to head once per session."""
+    if not PG_URL:
+        if os.environ.get("RUNJOBS_TEST_REQUIRE_PG"):
+            pytest.fail("RUNJOBS_TEST_REQUIRE_PG is set but RUNJOBS_TEST_PG_URL is not")
+        pytest.skip("RUNJOBS_TEST_PG_URL is not set")
+    url = pg_url(PG_URL)
+    settings = load_settings({"RUNJOBS_HOME": "/nonexistent"}, database_url=url)
+    store = Store(make_engine(settings), settings)
+    migrate.upgrade(store)
+    store.dispose()
+    return url
+
+
+def truncate_pg(url: str) -> None:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """A database URL, empty of jobs: a fresh SQLite file, or the
+    PostgreSQL test database truncated."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'home' / 'runjobs.db'}"
+    url = request.getfixturevalue("pg_database_url")
+    truncate_pg(url)
+    return url
+
+
+@pytest.fixture
+def environ(tmp_path, db_url) -> dict[str, str]:
+    """Environment for runjobs processes: own home, the test database."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNJOBS_")}
+    env.update(RUNJOBS_HOME=str(home), RUNJOBS_DATABASE_URL=db_url,
+               RUNJOBS_CONFIG=str(write_config(home, "")),
+               PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    return env
+
+
+def write_config(home: Path, text: str) -> Path:
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = home / "runjobs.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def settings(environ) -> Settings:
+    return load_settings(environ)
+
+
+@pytest.fixture
+def store(settings) -> Store:
+    store = open_store(settings)
+    yield store
+    store.dispose()
+
+
+def runjobs_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "runjobs", *args]
+
+
+def cli(environ: dict[str, str], *args: str, input: str | None = None,
+        timeout: float = 60, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """Run `runjobs ARGS` as a real process."""
+    return subprocess.run(runjobs_cmd(*args), env=environ, input=input, capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)

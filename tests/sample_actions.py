@@ -1,0 +1,44 @@
+"""Callables the tests register as actions (importable as tests.sample_actions
+with the repository on PYTHONPATH, which bin/runjobs.sh and the fixtures set)."""
+
+import os
+import time
+
+_leaked = []
+
+
+def append_id(ctx):
+    """Appends the job id to the file named by param `path`, one line per run."""
+    with open(ctx.params["path"], "a") as handle:
+        handle.write(f"{ctx.id}\n")
+
+
+def record_start(ctx):
+    """Appends 'id monotonic-ns' when it starts, then sleeps `seconds`."""
+    with open(ctx.params["path"], "a") as handle:
+        handle.write(f"{ctx.id} {time.time_ns()}\n")
+    ctx.wait(float(ctx.params.get("seconds", 0)))
+
+
+def leak(ctx):
+    """Leaks `mb` megabytes (default 30) into a module global, as a buggy action would."""
+    block = bytearray(int(ctx.params.get("mb", 30)) * 1024 * 1024)
+    block[::4096] = b"x" * len(block[::4096])  # touch every page: real RSS
+    _leaked.append(block)
+
+
+def returns(ctx):
+    """Returns ctx.params['value'] (lists become tuples), to test outcome mapping."""
+    value = ctx.params.get("value")
+    return tuple(value) if isinstance(value, list) else value
+
+
+def loop_forever(ctx):
+    """A Python busy loop that never checks for cancel."""
+    while True:
+        pass
+
+
+def pid_file(ctx):
+    with open(ctx.params["path"], "w") as handle:
+        handle.write(str(os.getpid()))
