@@ -61,4 +61,9 @@ def _run_locked(settings: Settings, lock: CycleLock, once: bool) -> int:
         runner.run(deadline, once=once, on_stop_claiming=lock.release)
     finally:
         store.dispose()
+    if runner.abandoned:
+        # A thread stuck in C code could hold up the interpreter's exit:
+        # leave now, its job is already recorded.
+        logging.shutdown()
+        os._exit(0)
     return 0

@@ -111,6 +111,9 @@ class Outcome:
     error: str | None = None
     retry: bool = True
     peak_rss_kb: int | None = None
+    # Write the status as is, even over TO_CANCEL (which otherwise turns a
+    # FAILURE into CANCELED): for a job that could not be stopped.
+    keep_status: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,6 +65,7 @@ class RunningJob:
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     done: bool = False                 # the thread has its outcome; no more stops
     stop_sent: bool = False
+    stop_at: float | None = None       # monotonic time the stop was sent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +93,8 @@ class Runner:
         self.running: dict[int, RunningJob] = {}
         self.claiming = True
         self.stop_requested = False
+        self._shutdown_at: float | None = None    # monotonic time of SIGTERM
+        self.abandoned = 0                         # threads given up as unstoppable
         self.wake = threading.Event()
         self._done: queue.SimpleQueue[tuple[int, Outcome]] = queue.SimpleQueue()
         self._unreported: list[tuple[Job, Outcome, float | None]] = []
@@ -176,6 +179,11 @@ class Runner:
             # A row naming an unregistered action: refused without importing.
             return Outcome(Status.FAILURE, retry=False, error="action is not registered")
         try:
+            if action.isolation == "process" and action.command is None:
+                from .isolation import run_in_process
+
+                return run_in_process(action, context, job_log, self.settings.grace_period,
+                                      self._report_progress)
             return execute(action, context, job_log, self.settings.grace_period)
         except Exception:  # a bug of ours, not of the action: keep the runner alive
             log.exception("job %s: unexpected error", context.id)
@@ -197,7 +205,10 @@ class Runner:
                 job_id, outcome = self._done.get_nowait()
             except queue.Empty:
                 break
-            entry = self.running.pop(job_id)
+            entry = self.running.pop(job_id, None)
+            if entry is None:  # given up as unstoppable; its outcome came too late
+                log.warning("job %s: its abandoned thread ended after all", job_id)
+                continue
             for handler in entry.context.log.handlers:
                 handler.close()
             results.append((entry.job, outcome, self._retry_in(entry.job, outcome)))
@@ -228,10 +239,16 @@ class Runner:
 
     def _deliver_stops(self) -> None:
         now = time.monotonic()
-        for entry in self.running.values():
+        grace = self.settings.grace_period
+        shutting_down = self._shutdown_at is not None and now >= self._shutdown_at + grace
+        for entry in list(self.running.values()):
             timeout = self._timeout_of(entry)
             if timeout is not None and now - entry.started > timeout:
                 self._stop(entry, f"timed out after {timeout:g}s")
+            elif shutting_down:
+                self._stop(entry, "stopped: its runner was asked to stop (SIGTERM)")
+            if entry.stop_at is not None and now - entry.stop_at > grace + 2:
+                self._give_up(entry)
         if self.running and now >= self._next_cancel_check:
             self._next_cancel_check = now + min(self.settings.poll_interval, 0.5)
             for job_id in self.store.jobs_canceling(self.runner_id):
@@ -250,13 +267,32 @@ class Runner:
             if entry.done or entry.stop_sent:
                 return
             entry.stop_sent = True
+            entry.stop_at = time.monotonic()
             entry.context.request_cancel(reason)
             log.info("job %s: %s, stopping it", entry.job.id, reason)
-            # Commands watch context.canceled and stop their process group;
-            # a callable gets the exception raised inside its thread.
-            if entry.action is not None and entry.action.command is None:
+            # Commands and process-isolated callables watch context.canceled
+            # and stop their process group; a callable in a thread gets the
+            # exception raised inside it.
+            if entry.action is not None and entry.action.command is None \
+                    and entry.action.isolation == "thread":
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
                     ctypes.c_ulong(entry.thread.ident), ctypes.py_object(JobCanceled))
+
+    def _give_up(self, entry: RunningJob) -> None:
+        """A job that ignored its stop for the whole grace period (stuck in C
+        code, or catching everything): record it FAILURE and stop waiting.
+        Its thread is a daemon and dies with this process."""
+        with entry.lock:
+            if entry.done:
+                return
+            entry.done = True
+        self.running.pop(entry.job.id, None)
+        self.abandoned += 1
+        error = (f"could not be stopped ({entry.context.cancel_reason}); gave up after "
+                 f"{self.settings.grace_period:g}s grace, its thread dies with the runner")
+        log.error("job %s: %s", entry.job.id, error)
+        self._report([(entry.job, Outcome(Status.FAILURE, error=error, retry=False,
+                                          keep_status=True), None)])
 
     def _report_progress(self, job_id: int, done, total, message) -> None:
         try:
@@ -330,7 +366,12 @@ class Runner:
         log.info("runner %s exited", self.runner_id)
 
     def request_stop(self, *_args) -> None:
-        """Signal handler: only set a flag; the loop does the work."""
+        """Signal handler: only set flags; the loop does the work. Running
+        jobs get `grace_period` to end; a second signal stops them at once."""
+        now = time.monotonic()
+        if self.stop_requested:
+            now -= self.settings.grace_period
+        self._shutdown_at = now
         self.stop_requested = True
         self.wake.set()
 

@@ -335,7 +335,7 @@ class Store:
             for job, outcome, retry_in in results:
                 if retry_in is not None:
                     written += self._retry(conn, runner_id, job, outcome, retry_in)
-                elif outcome.output is None and outcome.error is None and outcome.peak_rss_kb is None:
+                elif outcome == Outcome(outcome.status):  # a plain outcome: batch it
                     groups.setdefault((outcome.status,), []).append(job.id)
                 else:
                     written += self._final(conn, runner_id, [job.id], outcome)
@@ -348,7 +348,7 @@ class Store:
         now = self._now()
         canceling = jobs.c.status == Status.TO_CANCEL.value
         status: Any = outcome.status.value
-        if outcome.status in (Status.FAILURE, Status.CANCELED):
+        if outcome.status in (Status.FAILURE, Status.CANCELED) and not outcome.keep_status:
             status = sa.case((canceling, Status.CANCELED.value), else_=outcome.status.value)
         values = dict(status=status, finished_at=now, updated_at=now,
                       output=outcome.output, error=outcome.error)
