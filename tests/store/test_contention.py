@@ -1,0 +1,133 @@
+"""Claims under real contention: several runners claim one queue at once.
+
+Each thread or process registers its own runner on its own node and claims,
+starts and finishes until the queue is empty, all released together by a
+barrier. Every job must be claimed by exactly one of them. On SQLite this
+rests on BEGIN IMMEDIATE plus the conditional update; on PostgreSQL on
+FOR UPDATE SKIP LOCKED.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from runjobs.models import JobSpec, Outcome, Status
+from runjobs.store import Store, needs_of
+
+WORKER = Path(__file__).resolve().parent / "claim_worker.py"
+
+# (capacity per node, claim limit): unlimited capacity claims in small
+# batches so the runners interleave; the limited one is DTR-style {default: 2}.
+UNLIMITED = ({"default": 1000}, 8)
+LIMITED = ({"default": 2}, None)
+
+
+def fill(store: Store, count: int) -> list[int]:
+    """`count` due jobs of mixed priority, a fifth of them needing two slots."""
+    specs = [JobSpec("noop", {"n": n}, priority=n % 3,
+                     needs={"default": 2} if n % 5 == 0 else None) for n in range(count)]
+    return [s.id for s in store.jobs_submit(specs)]
+
+
+def drain(store: Store, runner_id: int, node: str, capacity: dict[str, int],
+          limit: int | None) -> list[int]:
+    """Claim, start and finish until no job is PENDING; the ids claimed."""
+    claimed: list[int] = []
+    while True:
+        claim = store.jobs_claim(runner_id, node, capacity, limit)
+        if not claim.jobs:
+            # Empty may mean "the others hold the rest locked".
+            if not store.jobs_list([Status.PENDING], limit=1):
+                return claimed
+            continue
+        used = sum(needs_of(job.needs)["default"] for job in claim.jobs)
+        assert used + claim.used.get("default", 0) <= capacity["default"], "over capacity"
+        claimed += [job.id for job in claim.jobs]
+        started = store.jobs_start(runner_id, [job.id for job in claim.jobs])
+        assert len(started) == len(claim.jobs)
+        written = store.jobs_finish(runner_id, [(j, Outcome(Status.SUCCESS), None) for j in started])
+        assert sorted(written) == sorted(j.id for j in started)
+
+
+def assert_each_claimed_once(store: Store, all_ids: list[int], claimed: list[list[int]]) -> None:
+    assert sum(1 for ids in claimed if ids) >= 2, "no contention: one runner took everything"
+    for one, other in itertools.combinations(claimed, 2):
+        assert not set(one) & set(other), "a job was claimed by two runners"
+    assert sorted(itertools.chain.from_iterable(claimed)) == sorted(all_ids)
+    done = store.jobs_list([Status.SUCCESS], limit=len(all_ids) + 1)
+    assert len(done) == len(all_ids)
+    # Each job went through QUEUED exactly once.
+    sample = all_ids[:: max(1, len(all_ids) // 20)]
+    for job_id in sample:
+        statuses = [e.status for e in store.job_events(job_id)]
+        assert statuses == [Status.PENDING, Status.QUEUED, Status.RUNNING, Status.SUCCESS]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("capacity, limit", [UNLIMITED, LIMITED], ids=["unlimited", "capacity2"])
+def test_threads_claim_each_job_exactly_once(store, capacity, limit):
+    threads_count, jobs_count = 6, 480
+    all_ids = fill(store, jobs_count)
+    barrier = threading.Barrier(threads_count)
+    claimed: list[list[int]] = [[] for _ in range(threads_count)]
+    errors: list[BaseException] = []
+
+    def claimer(index: int) -> None:
+        try:
+            node = f"node-{index}"
+            runner_id = store.runner_register(node, os.getpid(), None, None, "test")
+            barrier.wait(timeout=10)
+            claimed[index] = drain(store, runner_id, node, capacity, limit)
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=45)
+    assert not any(t.is_alive() for t in threads), "a claimer hung"
+    if errors:
+        raise errors[0]
+    assert_each_claimed_once(store, all_ids, claimed)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("capacity, limit", [UNLIMITED, LIMITED], ids=["unlimited", "capacity2"])
+def test_processes_claim_each_job_exactly_once(store, environ, capacity, limit):
+    processes_count, jobs_count = 4, 400
+    all_ids = fill(store, jobs_count)
+    procs = [
+        subprocess.Popen([sys.executable, str(WORKER), f"node-{i}", json.dumps(capacity),
+                          json.dumps(limit)],
+                         env=environ, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for i in range(processes_count)
+    ]
+    try:
+        for proc in procs:  # the barrier: all have registered and wait
+            line = proc.stdout.readline()
+            assert line.strip() == "ready", proc.stderr.read()
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        claimed = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=45)
+            assert proc.returncode == 0, err
+            claimed.append(json.loads(out))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert_each_claimed_once(store, all_ids, claimed)
