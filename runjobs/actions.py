@@ -70,7 +70,10 @@ class JobLog:
 
     def open_fd(self) -> int:
         """An append-mode descriptor, creating the file with the job-log mode."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The folder gets the file's mode plus search bits (0600 -> 0700,
+        # 0660 -> 0770): job logs are not for other users.
+        dir_mode = self.mode | (self.mode & 0o444) >> 2
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=dir_mode)
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, self.mode)
 
     def logger(self, job_id: int) -> logging.Logger:

@@ -2,7 +2,7 @@
 
 A stop is then a hard kill of the child's process group (SIGTERM, SIGKILL
 after the grace period) even for code stuck in C or ignoring exceptions, and
-the job's own peak memory is measured (the child's ru_maxrss).
+the job's own peak memory is measured (the child's VmHWM).
 
 The parent sends the job as JSON on the child's stdin; the child writes JSON
 lines back on a pipe: progress reports, then its outcome. Its stdout and
@@ -71,6 +71,7 @@ def _watch(process: subprocess.Popen, results, ctx: JobContext, grace: float,
     outcome: dict = {}
     buffer = b""
     stopped = False
+    peak_kb = 0
     while True:
         ready, _, _ = select.select([results], [], [], 0.1)
         if ready:
@@ -79,18 +80,34 @@ def _watch(process: subprocess.Popen, results, ctx: JobContext, grace: float,
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
                 outcome = _handle(json.loads(line), ctx, report_progress) or outcome
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        peak_kb = max(peak_kb, _peak_rss_kb(process.pid))
+        pid, status = os.waitpid(process.pid, os.WNOHANG)
         if pid:
             process.returncode = os.waitstatus_to_exitcode(status)
-            return outcome, process.returncode, usage.ru_maxrss
+            return outcome, process.returncode, max(peak_kb, outcome.get("peak_rss_kb") or 0)
         if ctx.canceled and not stopped:
             stopped = True
             _stop_and_reap(process, grace)
 
 
+def _peak_rss_kb(pid: int) -> int:
+    """The process's own peak RSS since its exec (VmHWM), 0 once it is gone.
+
+    Not the child's ru_maxrss: that keeps the runner's size from the fork
+    before the exec, which is not the job's memory."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def _stop_and_reap(process: subprocess.Popen, grace: float) -> None:
-    # Not executor.stop_process_group: its Popen.wait would reap the child
-    # before wait4 reads its usage. Signal only, and let _watch reap it.
+    # Not executor.stop_process_group, which blocks: _watch keeps sampling
+    # the child's memory and reaps it.
     threading.Thread(target=_signal_later, args=(process.pid, grace), daemon=True).start()
 
 
@@ -143,7 +160,8 @@ def _child(result_fd: int) -> int:
     action = action or Action(request["name"], target=request["target"])
     outcome = execute(action, ctx, job_log)
     send({"outcome": {"status": outcome.status.value, "output": outcome.output,
-                      "error": outcome.error, "retry": outcome.retry}})
+                      "error": outcome.error, "retry": outcome.retry,
+                      "peak_rss_kb": _peak_rss_kb(os.getpid())}})
     return 0
 
 
