@@ -26,7 +26,7 @@ _KEYS = (
     "database_url", "log_dir", "lock_file", "node", "capacity", "period",
     "margin", "poll_interval", "heartbeat_interval", "heartbeat_timeout",
     "default_timeout", "retention", "retry_backoff", "timezone",
-    "warning_exit_codes", "group", "grace_period",
+    "warning_exit_codes", "group", "grace_period", "crash_limit",
 )
 _DURATION_KEYS = (
     "period", "margin", "poll_interval", "heartbeat_interval",
@@ -53,6 +53,7 @@ class Settings:
     retention: float = 30 * 86400.0
     retry_backoff: float = 10.0
     grace_period: float = 10.0
+    crash_limit: int = 3
     timezone: str | None = None
     warning_exit_codes: tuple[int, ...] = ()
     group: str | None = None
@@ -102,6 +103,28 @@ def parse_duration(value: Any, key: str = "duration") -> float:
     if seconds < 0 or seconds != seconds:
         raise ConfigError(f"{key}: a duration cannot be negative, got {value!r}")
     return seconds
+
+
+def parse_when(value: Any, key: str = "time") -> "dt.datetime":
+    """ISO 8601 with a zone (or Z), or `now` -> an aware UTC datetime.
+
+    A time without a zone is refused rather than guessed. Raises ConfigError.
+    """
+    import datetime as dt
+
+    text = str(value).strip()
+    if text.lower() == "now":
+        return dt.datetime.now(dt.timezone.utc)
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            f"{key}: {value!r} is not an ISO 8601 time (like 2026-11-22T10:00:00Z) or now"
+        ) from None
+    if when.tzinfo is None:
+        raise ConfigError(f"{key}: {value!r} has no time zone: add Z for UTC or an offset "
+                          "like +01:00")
+    return when.astimezone(dt.timezone.utc)
 
 
 def pg_url(url: str) -> str:
@@ -202,6 +225,7 @@ def _validate(raw: dict[str, Any], home: Path, config_file: Path | None) -> Sett
             f"warning_exit_codes: expected a list of numbers, got {raw['warning_exit_codes']!r}"
         ) from None
     log_dir = Path(raw.get("log_dir") or home / "logs").expanduser()
+    values["crash_limit"] = _positive_int(raw.get("crash_limit", 3), "crash_limit")
     settings = Settings(
         home=home,
         config_file=config_file,
@@ -218,6 +242,16 @@ def _validate(raw: dict[str, Any], home: Path, config_file: Path | None) -> Sett
     )
     _check_timing(settings)
     return settings
+
+
+def _positive_int(value: Any, key: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if isinstance(value, bool) or number < 1 or str(number) != str(value).strip():
+        raise ConfigError(f"{key}: expected a whole number >= 1, got {value!r}")
+    return number
 
 
 def _check_timing(s: Settings) -> None:

@@ -100,6 +100,9 @@ class Runner:
         self._unreported: list[tuple[Job, Outcome, float | None]] = []
         self._next_cancel_check = 0.0
         self._next_expire = 0.0
+        self._next_rescue = 0.0
+        self._db_error: str | None = None          # set while the database fails
+        self.boot_id = boot_id()
 
     # -- one round ---------------------------------------------------------
 
@@ -108,22 +111,39 @@ class Runner:
 
         when = dt.datetime.fromtimestamp(deadline, dt.timezone.utc) if deadline else None
         self.runner_id = self.store.runner_register(
-            self.settings.node, os.getpid(), boot_id(), when, __version__)
+            self.settings.node, os.getpid(), self.boot_id, when, __version__)
         log.info("runner %s started on %s (pid %s)", self.runner_id, self.settings.node, os.getpid())
         return self.runner_id
 
     def tick(self) -> TickResult:
         finished = self._reap()
-        self._deliver_stops()
+        self._deliver_timeouts()
         claimed: list[Job] = []
         started = 0
         slots = self._own_free_slots()
-        if self.claiming and slots > 0:
-            self._expire_now_and_then()
-            claimed = self.store.jobs_claim(
-                self.runner_id, self.settings.node, self.settings.capacity).jobs
-            started = self._start(claimed)
+        try:
+            self._deliver_cancels()
+            self._maintain()
+            if self.claiming and slots > 0:
+                claimed = self.store.jobs_claim(
+                    self.runner_id, self.settings.node, self.settings.capacity).jobs
+                started = self._start(claimed)
+            self._database_ok()
+        except StoreError as exc:
+            # Keep the running jobs; claim nothing until the database is back.
+            self._database_failed(exc)
         return TickResult(finished, len(claimed), started, full=bool(claimed) and len(claimed) >= slots)
+
+    def _database_failed(self, exc: StoreError) -> None:
+        if self._db_error is None:  # one line per change of state, not per query
+            log.error("runner %s: database unavailable, not claiming until it is back: %s",
+                      self.runner_id, exc)
+        self._db_error = str(exc)
+
+    def _database_ok(self) -> None:
+        if self._db_error is not None:
+            log.info("runner %s: database available again", self.runner_id)
+        self._db_error = None
 
     def _own_free_slots(self) -> int:
         """Free slots counting only this process's jobs: when even these fill
@@ -131,13 +151,19 @@ class Runner:
         used = usage(r.job.needs for r in self.running.values())
         return sum(max(0, n - used.get(k, 0)) for k, n in self.settings.capacity.items())
 
-    def _expire_now_and_then(self) -> None:
+    def _maintain(self) -> None:
+        """Now and then: expire what missed its start, rescue dead runners."""
         now = time.monotonic()
-        if now >= self._next_expire:
+        if self.claiming and now >= self._next_expire:
             self._next_expire = now + self.settings.poll_interval * 5
             expired = self.store.jobs_expire()
             if expired:
                 log.info("runner %s: %d job(s) expired", self.runner_id, expired)
+        if now >= self._next_rescue:
+            self._next_rescue = now + self.settings.heartbeat_interval
+            from .rescue import rescue_once
+
+            rescue_once(self.store, self.settings, self.boot_id, self.runner_id)
 
     def _start(self, claimed: list[Job]) -> int:
         # An unregistered action still "starts", to fail at once in its thread
@@ -237,7 +263,8 @@ class Runner:
 
     # -- stops: cancel and timeout ---------------------------------------------
 
-    def _deliver_stops(self) -> None:
+    def _deliver_timeouts(self) -> None:
+        """Timeouts, the SIGTERM grace, and giving up on unstoppable jobs."""
         now = time.monotonic()
         grace = self.settings.grace_period
         shutting_down = self._shutdown_at is not None and now >= self._shutdown_at + grace
@@ -249,6 +276,9 @@ class Runner:
                 self._stop(entry, "stopped: its runner was asked to stop (SIGTERM)")
             if entry.stop_at is not None and now - entry.stop_at > grace + 2:
                 self._give_up(entry)
+
+    def _deliver_cancels(self) -> None:
+        now = time.monotonic()
         if self.running and now >= self._next_cancel_check:
             self._next_cancel_check = now + min(self.settings.poll_interval, 0.5)
             for job_id in self.store.jobs_canceling(self.runner_id):
@@ -308,8 +338,12 @@ class Runner:
         if not self.claiming:
             return
         self.claiming = False
-        self.store.jobs_unclaim(self.runner_id)
-        self.store.runner_set_state(self.runner_id, "draining")
+        try:
+            self.store.jobs_unclaim(self.runner_id)
+            self.store.runner_set_state(self.runner_id, "draining")
+        except StoreError as exc:
+            # What stays QUEUED under this runner is rescued once it is gone.
+            self._database_failed(exc)
         log.info("runner %s stops claiming; %d job(s) still running",
                  self.runner_id, len(self.running))
 
@@ -321,11 +355,20 @@ class Runner:
             self.register(deadline)
         heartbeat = _Heartbeat(self.store, self.runner_id, self.settings.heartbeat_interval)
         heartbeat.start()
+        listener = self.store.listen(self._on_notify)
         try:
             self._loop(deadline, once, on_stop_claiming)
         finally:
             heartbeat.stop()
+            if listener is not None:
+                listener.stop()
             self._finish()
+
+    def _on_notify(self, what: str) -> None:
+        """From the listener thread: a job was submitted or a cancel asked."""
+        if what == "cancel":
+            self._next_cancel_check = 0.0
+        self.wake.set()
 
     def _loop(self, deadline: float | None, once: bool,
               on_stop_claiming: Callable[[], None] | None) -> None:
@@ -334,7 +377,11 @@ class Runner:
                 self.stop_claiming()
                 if on_stop_claiming:
                     on_stop_claiming()
-            result = self.tick()
+            try:
+                result = self.tick()
+            except Exception:  # a bug of ours: log it, keep the running jobs going
+                log.exception("runner %s: unexpected error in its loop", self.runner_id)
+                result = TickResult()
             if not self.claiming and not self.running:
                 return
             if once and self.claiming and not result.claimed and not self.running:
@@ -355,11 +402,15 @@ class Runner:
         return wait
 
     def _finish(self) -> None:
+        self.stop_claiming()
+        self._report([])
+        if self._unreported:
+            # Leave the runner row as it is: once its heartbeat is old, any
+            # runner rescues the jobs whose outcome could not be written.
+            log.error("runner %s exits with %d outcome(s) not recorded; they will be rescued",
+                      self.runner_id, len(self._unreported))
+            return
         try:
-            if self.claiming:
-                self.claiming = False
-                self.store.jobs_unclaim(self.runner_id)
-            self._report([])
             self.store.runner_set_state(self.runner_id, "exited")
         except StoreError as exc:
             log.error("runner %s: could not record its exit: %s", self.runner_id, exc)

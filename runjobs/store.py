@@ -19,7 +19,10 @@ import datetime as dt
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+import select
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -32,6 +35,7 @@ from .schema import HEAD_REVISION, UtcDateTime, job_events, jobs, runners
 log = logging.getLogger("runjobs.store")
 
 DEFAULT_NEEDS = {"default": 1}
+NOTIFY_CHANNEL = "runjobs"
 _ACTIVE = [s.value for s in ACTIVE]
 _FINAL = [s.value for s in FINAL]
 _ORDER = (jobs.c.priority.desc(), jobs.c.run_at, jobs.c.id)
@@ -67,6 +71,7 @@ class RunnerRow:
     heartbeat_at: dt.datetime
     deadline: dt.datetime | None
     exited_at: dt.datetime | None
+    version: str | None
     heartbeat_age: float
     running: tuple[int, ...]
 
@@ -126,6 +131,20 @@ class Store:
         with self._tx() as own:
             return own.execute(sa.select(self._now())).scalar_one()
 
+    def _notify(self, conn: sa.Connection, what: str) -> None:
+        """Wake listening runners at commit (PostgreSQL; SQLite runners poll)."""
+        if self.is_postgres:
+            conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, what)))
+
+    def listen(self, on_notify: Callable[[str], None]) -> "Listener | None":
+        """Call `on_notify(payload)` from a thread for each NOTIFY: 'submit'
+        or 'cancel'. None on SQLite, where runners poll."""
+        if not self.is_postgres:
+            return None
+        listener = Listener(self.engine, on_notify)
+        listener.start()
+        return listener
+
     def dispose(self) -> None:
         self.engine.dispose()
 
@@ -161,16 +180,31 @@ class Store:
         existing = self._open_keys(conn, {s.key for s in specs if s.key})
         results: list[Submitted | None] = []
         rows = []
+        # A new key twice in one batch: the first spec makes the job, the
+        # later ones return it (inserting both would break ux_jobs_key_open).
+        first_of: dict[str, tuple[int, Any]] = {}
+        repeats: list[tuple[int, int, bool]] = []
         for spec in specs:
             if spec.key in existing:
                 job_id, params = existing[spec.key]
                 results.append(Submitted(job_id, False, params != spec.params))
                 continue
+            if spec.key in first_of:
+                first, params = first_of[spec.key]
+                repeats.append((len(results), first, params != spec.params))
+                results.append(Submitted(0, False))  # placeholder, set below
+                continue
+            if spec.key:
+                first_of[spec.key] = (len(results), spec.params)
             results.append(None)
             rows.append(self._row_of(spec, now))
         if rows:
             new_ids = iter(self._insert(conn, rows))
             results = [r or Submitted(next(new_ids), True) for r in results]
+        for position, first, differ in repeats:
+            results[position] = Submitted(results[first].id, False, differ)  # type: ignore[union-attr]
+        if rows:
+            self._notify(conn, "submit")
         return results  # type: ignore[return-value]
 
     def _open_keys(self, conn: sa.Connection, keys: set[str]) -> dict[str, tuple[int, Any]]:
@@ -350,7 +384,9 @@ class Store:
         status: Any = outcome.status.value
         if outcome.status in (Status.FAILURE, Status.CANCELED) and not outcome.keep_status:
             status = sa.case((canceling, Status.CANCELED.value), else_=outcome.status.value)
-        values = dict(status=status, finished_at=now, updated_at=now,
+        # A job that ended in its runner did not take the runner down: its
+        # count of crashes in a row starts again.
+        values = dict(status=status, finished_at=now, updated_at=now, crashes=0,
                       output=outcome.output, error=outcome.error)
         if outcome.peak_rss_kb is not None:
             values["peak_rss_kb"] = outcome.peak_rss_kb
@@ -370,7 +406,7 @@ class Store:
                    jobs.c.status == Status.RUNNING.value)
             .values(status=Status.PENDING.value, run_at=self._now_plus(retry_in),
                     runner_id=None, node=None, queued_at=None, output=outcome.output,
-                    error=outcome.error, updated_at=self._now())
+                    error=outcome.error, crashes=0, updated_at=self._now())
             .returning(jobs.c.id)
         )
         ids = list(result.scalars())
@@ -428,6 +464,7 @@ class Store:
                 .values(status=Status.TO_CANCEL.value, updated_at=now)
             ).rowcount
             if later:
+                self._notify(conn, "cancel")
                 return Status.TO_CANCEL
             current = conn.execute(sa.select(jobs.c.status).where(jobs.c.id == job_id)).scalar()
         if current is None:
@@ -521,6 +558,115 @@ class Store:
         return [RunnerRow(**r._asdict(),
                           heartbeat_age=(now - r.heartbeat_at).total_seconds(),
                           running=tuple(running.get(r.id, ()))) for r in rows]
+
+
+    # -- rescue of dead runners ---------------------------------------------------
+
+    def runners_alive(self) -> list[RunnerRow]:
+        """Runners not known to have ended (claiming or draining), with
+        their heartbeat age on the database's clock."""
+        with self._tx() as conn:
+            now = self.db_now(conn)
+            rows = conn.execute(
+                sa.select(runners).where(runners.c.state.in_(["claiming", "draining"]))
+                .order_by(runners.c.id)).all()
+        return [RunnerRow(**r._asdict(), heartbeat_age=(now - r.heartbeat_at).total_seconds(),
+                          running=()) for r in rows]
+
+    def node_boot_ids(self, node: str) -> str | None:
+        """The boot id of the newest runner of `node`: its host's current boot."""
+        with self._tx() as conn:
+            return conn.execute(
+                sa.select(runners.c.boot_id).where(runners.c.node == node)
+                .order_by(runners.c.id.desc()).limit(1)).scalar()
+
+    def runner_rescue(self, runner_id: int, reason: str, crash_limit: int,
+                      count_crash: bool) -> dict[str, list[int]] | None:
+        """Declare a runner dead and rescue its jobs, in one transaction.
+
+        QUEUED -> PENDING; TO_CANCEL -> CANCELED; RUNNING -> PENDING as a retry
+        when retries are left, else ABANDONED; a job that took its runner
+        down `crash_limit` times in a row -> ABANDONED. Returns the job ids by
+        what happened to them, or None if another runner rescued it first.
+        """
+        with self._tx() as conn:
+            now = self._now()
+            claimed = conn.execute(
+                sa.update(runners)
+                .where(runners.c.id == runner_id, runners.c.state.in_(["claiming", "draining"]))
+                .values(state="dead", exited_at=now).returning(runners.c.id)).first()
+            if claimed is None:
+                return None
+            mine = sa.and_(jobs.c.runner_id == runner_id)
+            requeued = self._rescue_update(conn, mine, Status.QUEUED, dict(
+                status=Status.PENDING.value, runner_id=None, node=None, queued_at=None))
+            canceled = self._rescue_update(conn, mine, Status.TO_CANCEL, dict(
+                status=Status.CANCELED.value, finished_at=now,
+                error=f"canceled; {reason} before the job stopped"))
+            crashes = jobs.c.crashes + (1 if count_crash else 0)
+            poison = crashes >= crash_limit
+            retried = self._rescue_update(
+                conn, sa.and_(mine, jobs.c.attempt <= jobs.c.retries, sa.not_(poison)),
+                Status.RUNNING, dict(status=Status.PENDING.value, runner_id=None, node=None,
+                                     queued_at=None, run_at=now, crashes=crashes,
+                                     error=f"{reason} while the job ran; retried"))
+            poisoned = self._rescue_update(conn, sa.and_(mine, poison), Status.RUNNING, dict(
+                status=Status.ABANDONED.value, finished_at=now, crashes=crashes,
+                error=sa.literal(f"{reason} while the job ran; it was running when its runner "
+                                 "died ") + sa.cast(crashes, sa.String) + " times in a row: "
+                      "not retried again"))
+            abandoned = self._rescue_update(conn, mine, Status.RUNNING, dict(
+                status=Status.ABANDONED.value, finished_at=now, crashes=crashes,
+                error=f"{reason} while the job ran; no retries left"))
+        return {"requeued": requeued, "canceled": canceled, "retried": retried,
+                "abandoned": poisoned + abandoned}
+
+    def _rescue_update(self, conn: sa.Connection, where, status: Status,
+                       values: dict[str, Any]) -> list[int]:
+        return list(conn.execute(
+            sa.update(jobs).where(where, jobs.c.status == status.value)
+            .values(updated_at=self._now(), **values).returning(jobs.c.id)).scalars())
+
+
+class Listener(threading.Thread):
+    """LISTEN on its own connection; reconnects with backoff when it drops.
+    Polling stays the fallback, so a lost notification only costs latency."""
+
+    def __init__(self, engine: sa.engine.Engine, on_notify: Callable[[str], None]) -> None:
+        super().__init__(name="listener", daemon=True)
+        self.engine, self.on_notify = engine, on_notify
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        backoff = 0.5
+        while not self._stopped.is_set():
+            try:
+                self._listen()
+                backoff = 0.5
+            except Exception as exc:  # the database dropped us: retry, quietly
+                log.debug("listener: %s; reconnecting in %.1fs", exc, backoff)
+                self._stopped.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def _listen(self) -> None:
+        raw = self.engine.raw_connection()
+        try:
+            driver = raw.driver_connection
+            driver.autocommit = True
+            with driver.cursor() as cursor:
+                cursor.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            while not self._stopped.is_set():
+                if select.select([driver], [], [], 1.0)[0]:
+                    driver.poll()
+                    payloads = {n.payload for n in driver.notifies}
+                    driver.notifies.clear()
+                    for payload in payloads:
+                        self.on_notify(payload)
+        finally:
+            raw.invalidate()  # never hand a LISTENing connection back to the pool
+
+    def stop(self) -> None:
+        self._stopped.set()
 
 
 def _job(row: sa.Row) -> Job:

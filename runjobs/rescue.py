@@ -1,0 +1,67 @@
+"""Dead runners: find them, and give their jobs back or an honest end.
+
+A runner is dead when its heartbeat is older than `heartbeat_timeout` on the
+database's clock, or at once when it ran on this host, in this boot, and its
+pid no longer exists (a pid that exists may be reused: then the heartbeat
+decides, so a living runner is never declared dead). A runner of this host
+from an earlier boot is dead too: the host restarted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .config import Settings
+from .store import RunnerRow, Store
+
+log = logging.getLogger("runjobs.rescue")
+
+
+def pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def death_reason(runner: RunnerRow, settings: Settings, my_boot: str | None) -> str | None:
+    """Why `runner` is dead, or None if it may be alive."""
+    where = f"runner {runner.id} (node {runner.node}, pid {runner.pid})"
+    if runner.node == settings.node and my_boot and runner.boot_id:
+        if runner.boot_id != my_boot:
+            return f"{where} died with its host's restart"
+        if runner.pid != os.getpid() and not pid_exists(runner.pid):
+            return f"{where} died"
+    if runner.heartbeat_age > settings.heartbeat_timeout:
+        return f"{where} died (no heartbeat for {runner.heartbeat_age:.0f}s)"
+    return None
+
+
+def rescue_once(store: Store, settings: Settings, my_boot: str | None,
+                my_runner_id: int | None = None) -> int:
+    """Rescue every dead runner's jobs; returns how many jobs were touched."""
+    touched = 0
+    for runner in store.runners_alive():
+        if runner.id == my_runner_id:
+            continue
+        reason = death_reason(runner, settings, my_boot)
+        if reason is None:
+            continue
+        # A host that restarted took every job down: no job is to blame.
+        count_crash = not reason.endswith("host's restart") and not _host_rebooted(store, runner)
+        result = store.runner_rescue(runner.id, reason, settings.crash_limit, count_crash)
+        if result is None:
+            continue  # another runner got there first
+        touched += sum(len(ids) for ids in result.values())
+        log.warning("%s: jobs requeued %s, retried %s, canceled %s, abandoned %s", reason,
+                    result["requeued"], result["retried"], result["canceled"], result["abandoned"])
+    return touched
+
+
+def _host_rebooted(store: Store, runner: RunnerRow) -> bool:
+    newest = store.node_boot_ids(runner.node)
+    return bool(newest and runner.boot_id and newest != runner.boot_id)
