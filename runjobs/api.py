@@ -10,7 +10,7 @@ import time
 from typing import Any, Iterable, Mapping
 
 from .actions import Registry
-from .config import Settings, load_settings, validate_capacity
+from .config import Settings, load_settings, parse_duration, parse_when, validate_capacity
 from .errors import ConfigError, UsageError
 from .models import FINAL, Job, JobSpec, Status
 from .store import Store, Submitted, open_store
@@ -81,6 +81,55 @@ def _key(key: str | None) -> str | None:
     if key is not None and (not isinstance(key, str) or not key or len(key) > 255):
         raise UsageError(f"key: expected 1 to 255 characters, got {key!r}")
     return key
+
+
+# Fields of a `submit --batch` line, as the CLI options name them, and how
+# each is read.
+_LINE_FIELDS = {
+    "action": ("action", None), "params": ("params", None), "priority": ("priority", None),
+    "at": ("run_at", "when"), "run_at": ("run_at", "when"),
+    "in": ("run_in", "duration"), "run_in": ("run_in", "duration"),
+    "max_start": ("max_start_at", "when"), "max_start_at": ("max_start_at", "when"),
+    "timeout": ("timeout", "duration"), "retries": ("retries", None),
+    "needs": ("needs", None), "key": ("key", None), "hold": ("hold", None),
+}
+
+
+def specs_from_lines(registry: Registry, lines: Iterable[str]) -> list[JobSpec]:
+    """One JobSpec per non-empty JSON line; UsageError names the first bad
+    line, so a bad line rejects the whole batch before anything is written."""
+    specs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            specs.append(_spec_from_line(registry, line))
+        except (UsageError, ConfigError) as exc:
+            raise UsageError(f"line {number}: {exc}") from None
+    return specs
+
+
+def _spec_from_line(registry: Registry, line: str) -> JobSpec:
+    try:
+        fields = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"not JSON: {exc}") from None
+    if not isinstance(fields, dict) or "action" not in fields:
+        raise UsageError('expected an object with an "action", like {"action": "noop"}')
+    unknown = sorted(set(fields) - set(_LINE_FIELDS))
+    if unknown:
+        raise UsageError(f"unknown field(s): {', '.join(unknown)}")
+    options: dict[str, Any] = {}
+    for name, value in fields.items():
+        target, kind = _LINE_FIELDS[name]
+        if kind == "when" and value is not None:
+            value = parse_when(value, name)
+        elif kind == "duration" and value is not None:
+            value = parse_duration(value, name)
+        options[target] = value
+    if not isinstance(options.get("params", {}), dict):
+        raise UsageError("params: expected a JSON object")
+    return build_spec(registry, options.pop("action"), **options)
 
 
 class Client:

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from .config import parse_duration
+from .config import parse_duration, parse_when
 from .errors import ConfigError, Conflict, NotFound, RunjobsError, UsageError
 from .models import FINAL, WAIT_EXIT_CODES, Status
 
@@ -40,17 +40,10 @@ class WhenType(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, dt.datetime):
             return value
-        if value.strip().lower() == "now":
-            return dt.datetime.now(dt.timezone.utc)
         try:
-            when = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-        except ValueError:
-            self.fail(f"{value!r} is not an ISO 8601 time (like 2026-11-22T10:00:00Z) or now",
-                      param, ctx)
-        if when.tzinfo is None:
-            self.fail(f"{value!r} has no time zone: add Z for UTC or an offset like +01:00",
-                      param, ctx)
-        return when.astimezone(dt.timezone.utc)
+            return parse_when(value)
+        except ConfigError as exc:
+            self.fail(str(exc).removeprefix("time: "), param, ctx)
 
 
 class NeedsType(click.ParamType):
@@ -67,8 +60,22 @@ class NeedsType(click.ParamType):
         return name, int(count)
 
 
-DURATION, WHEN, NEEDS = DurationType(), WhenType(), NeedsType()
-STATUS = click.Choice([s.value for s in Status], case_sensitive=False)
+class StatusType(click.ParamType):
+    """A status name, any case; the error lists the names as the contract spells them."""
+
+    name = "STATUS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, Status):
+            return value
+        try:
+            return Status(value.upper())
+        except ValueError:
+            self.fail(f"{value!r} is not a status: one of {', '.join(s.value for s in Status)}",
+                      param, ctx)
+
+
+DURATION, WHEN, NEEDS, STATUS = DurationType(), WhenType(), NeedsType(), StatusType()
 
 
 def parse_params(items: tuple[str, ...], base_json: str | None) -> dict[str, Any]:
@@ -176,8 +183,10 @@ def cli() -> None:
 # -- submit ---------------------------------------------------------------------
 
 @cli.command()
-@click.argument("action")
+@click.argument("action", required=False)
 @click.argument("params", nargs=-1)
+@click.option("--batch", type=click.File("r"), metavar="FILE",
+              help="One job per line as JSON ('-' for stdin), stored in one transaction.")
 @click.option("--params", "params_json", metavar="JSON", help="Params as a JSON object (KEY=VALUE wins).")
 @click.option("--priority", type=int, help="Higher runs first (default: the action's, else 0).")
 @click.option("--at", "run_at", type=WHEN, help="Start at or after WHEN (ISO 8601 with a zone, or now).")
@@ -191,9 +200,20 @@ def cli() -> None:
 @click.option("--wait", is_flag=True, help="Wait for a final status; exit 0 only for SUCCESS.")
 @json_option
 @pass_context
-def submit(obj: Context, action, params, params_json, priority, run_at, run_in, max_start_at,
-           timeout, retries, needs, key, hold, wait, as_json):
+def submit(obj: Context, action, params, batch, params_json, priority, run_at, run_in,
+           max_start_at, timeout, retries, needs, key, hold, wait, as_json):
     """Submit a job: ACTION [KEY=VALUE | KEY:=JSON ...]; prints its id."""
+    if batch is not None:
+        if action or params or wait:
+            raise click.UsageError("--batch takes its jobs from FILE: give no ACTION or --wait")
+        from .api import specs_from_lines
+
+        specs = specs_from_lines(obj.client.registry, batch)
+        for submitted in obj.client.submit_specs(specs):
+            click.echo(submitted.id)
+        return
+    if action is None:
+        raise click.UsageError("missing ACTION (or --batch FILE)")
     if run_at is not None and run_in is not None:
         raise click.UsageError("give --at or --in, not both")
     values = parse_params(params, params_json)
@@ -242,7 +262,7 @@ def job_json(job, events=None) -> dict[str, Any]:
 @pass_context
 def list_command(obj: Context, statuses, action, limit, as_json):
     """Jobs, newest first."""
-    found = obj.store.jobs_list([Status(s.upper()) for s in statuses], action, limit)
+    found = obj.store.jobs_list(list(statuses), action, limit)
     if as_json:
         emit_json([job_json(j) for j in found])
         return
@@ -341,6 +361,35 @@ def run(obj: Context, once, period, margin):
 
         settings = load_settings(**overrides)
     sys.exit(run_cycle(settings, once=once))
+
+
+# -- runners ----------------------------------------------------------------------
+
+@cli.command()
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@json_option
+@pass_context
+def runners(obj: Context, limit, as_json):
+    """Runners, newest first: node, pid, state, heartbeat age, jobs. A runner
+    whose heartbeat is too old (or whose process is gone) is shown dead."""
+    from .rescue import death_reason
+    from .runner import boot_id
+
+    rows = obj.store.runners_list(limit)
+    my_boot = boot_id()
+    states = {r.id: ("dead" if r.state in ("claiming", "draining")
+                     and death_reason(r, obj.settings, my_boot) else r.state) for r in rows}
+    if as_json:
+        emit_json([{"id": r.id, "node": r.node, "pid": r.pid, "state": states[r.id],
+                    "started_at": r.started_at, "heartbeat_at": r.heartbeat_at,
+                    "heartbeat_age": round(r.heartbeat_age, 3), "deadline": r.deadline,
+                    "exited_at": r.exited_at, "jobs": list(r.running)} for r in rows])
+        return
+    click.echo(f"{'ID':>6}  {'NODE':<20}  {'PID':>7}  {'STATE':<9}  {'HEARTBEAT':>9}  JOBS")
+    for r in rows:
+        age = f"{r.heartbeat_age:.0f}s ago" if r.state != "exited" else "-"
+        click.echo(f"{r.id:>6}  {r.node[:20]:<20}  {r.pid:>7}  {states[r.id]:<9}  {age:>9}  "
+                   f"{' '.join(map(str, r.running)) or '-'}")
 
 
 # -- db --------------------------------------------------------------------------
