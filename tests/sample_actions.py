@@ -52,3 +52,31 @@ def ignore_stops(ctx):
             time.sleep(0.05)
         except BaseException:
             pass
+
+
+def spawn_child_and_wait(ctx):
+    """Starts a child process that sleeps, records both pids, and waits for it
+    without ever checking for a cancel (as a careless command wrapper would)."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "60"])
+    with open(ctx.params["path"], "w") as handle:
+        handle.write(f"{os.getpid()} {child.pid}\n")
+    child.wait()
+
+
+def sleep_in_c(ctx):
+    """time.sleep in C with SIGTERM ignored: only a hard kill stops it."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(ctx.params["path"], "w") as handle:
+        handle.write(str(os.getpid()))
+    time.sleep(float(ctx.params.get("seconds", 60)))
+
+
+def refuse_retry(ctx):
+    """Fails with DoNotRetry: no retry, whatever `--retries` says."""
+    from runjobs import DoNotRetry
+
+    raise DoNotRetry(f"job {ctx.id} refuses, attempt {ctx.attempt}")
