@@ -159,7 +159,10 @@ class Client:
                 problem = f"unknown field(s) {sorted(unknown)}" if unknown else "no action"
                 raise UsageError(f"job {number}: {problem}")
             fields = dict(job)
-            specs.append(build_spec(self.registry, fields.pop("action"), **fields))
+            try:
+                specs.append(build_spec(self.registry, fields.pop("action"), **fields))
+            except UsageError as exc:
+                raise UsageError(f"job {number}: {exc}") from None
         return [s.id for s in self.submit_specs(specs)]
 
     def submit_specs(self, specs: list[JobSpec]) -> list[Submitted]:

@@ -1,0 +1,106 @@
+"""`submit --batch` and the Python API, on both databases."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+
+import pytest
+
+import runjobs
+from runjobs.api import Client
+from runjobs.errors import UsageError
+from runjobs.models import Status
+
+from conftest import cli, runjobs_cmd
+
+
+def count(store) -> int:
+    return len(store.jobs_list(limit=10_000))
+
+
+def test_batch_stores_every_line_in_order_and_prints_ids(environ, store):
+    lines = "\n".join([
+        '{"action": "noop", "priority": 3}',
+        "",
+        '{"action": "sleep", "params": {"seconds": 1}, "in": "10m", "key": "k1"}',
+        '{"action": "noop", "at": "2030-01-01T00:00:00Z", "max_start": "2030-01-02T00:00:00Z",'
+        ' "timeout": "90s", "retries": 2, "needs": {"io": 2}, "hold": true}',
+    ]) + "\n"
+    result = cli(environ, "submit", "--batch", "-", input=lines)
+    assert result.returncode == 0, result.stderr
+    ids = [int(x) for x in result.stdout.split()]
+    assert len(ids) == 3 and ids == sorted(ids)
+    first, second, third = (store.job_get(i) for i in ids)
+    assert (first.action, first.priority, first.status) == ("noop", 3, Status.PENDING)
+    assert second.params == {"seconds": 1} and second.key == "k1"
+    assert second.run_at - second.created_at > dt.timedelta(minutes=9)
+    assert third.status is Status.HELD and third.retries == 2 and third.timeout == 90
+    assert third.needs == {"io": 2}
+    assert third.run_at == dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+
+
+@pytest.mark.parametrize("bad_line, names", [
+    ('{"action": "nope"}', "line 2: unknown action 'nope'"),
+    ("{broken", "line 2: not JSON"),
+    ('{"action": "noop", "in": "5x"}', "line 2: in:"),
+    ('{"action": "noop", "colour": "red"}', "line 2: unknown field(s): colour"),
+    ('{"action": "noop", "at": "2030-01-01T00:00:00"}', "line 2: at:"),
+    ('["noop"]', "line 2: expected an object"),
+])
+def test_a_bad_line_rejects_the_whole_batch(environ, store, bad_line, names):
+    before = count(store)
+    result = cli(environ, "submit", "--batch", "-", input=f'{{"action": "noop"}}\n{bad_line}\n')
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert names in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert count(store) == before
+
+
+def test_batch_refuses_an_action_argument_too(environ, store):
+    result = cli(environ, "submit", "noop", "--batch", "-", input='{"action": "noop"}\n')
+    assert result.returncode == 2 and count(store) == 0
+
+
+def test_python_api_submit_submit_many_get_cancel_wait(environ, settings, monkeypatch):
+    client = Client(settings)
+    try:
+        job_id = client.submit("sleep", {"seconds": 0}, priority=4, retries=1)
+        job = client.get(job_id)
+        assert (job.action, job.priority, job.retries, job.params) == ("sleep", 4, 1, {"seconds": 0})
+        ids = client.submit_many([{"action": "noop"}, {"action": "noop", "priority": 2}])
+        assert len(ids) == 2 and ids[0] < ids[1]
+        with pytest.raises(UsageError, match="job 2: unknown action"):
+            client.submit_many([{"action": "noop"}, {"action": "os:system"}])
+        assert len(client.store.jobs_list(limit=100)) == 3  # all or none
+        assert client.cancel(ids[1]) is Status.CANCELED
+        runner = subprocess.run(runjobs_cmd("run", "--once"), env=environ, timeout=60)
+        assert runner.returncode == 0
+        assert client.wait(job_id, timeout=10).status is Status.SUCCESS
+        with pytest.raises(UsageError, match="unknown action"):
+            client.submit("os:system")
+    finally:
+        client.close()
+
+
+def test_module_level_submit_uses_the_configured_settings(environ):
+    # runjobs.submit reads RUNJOBS_* like the CLI: run it in a fresh process.
+    code = ("import runjobs; print(runjobs.submit('noop', {'n': 1}, priority=2)); "
+            "print(runjobs.submit_many([{'action': 'noop'}]))")
+    result = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    first, many = result.stdout.split("\n")[:2]
+    shown = cli(environ, "show", first, "--json")
+    assert '"priority": 2' in shown.stdout and '"n": 1' in shown.stdout
+    assert many == f"[{int(first) + 1}]"
+
+
+def test_connect_takes_a_database_url(db_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNJOBS_HOME", str(tmp_path / "elsewhere"))
+    client = runjobs.connect(db_url)
+    try:
+        assert client.get(client.submit("noop")).status is Status.PENDING
+    finally:
+        client.close()
