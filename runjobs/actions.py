@@ -100,14 +100,28 @@ class JobContext:
     progress reporting and cancellation."""
 
     def __init__(self, job_id: int, params: Mapping[str, Any], attempt: int,
-                 log: logging.Logger, report_progress: Callable[..., None] | None = None) -> None:
+                 job_log: "JobLog", report_progress: Callable[..., None] | None = None) -> None:
         self.id = job_id
         self.params = dict(params)
         self.attempt = attempt
-        self.log = log
+        self._job_log = job_log
+        self._log: logging.Logger | None = None
         self._report_progress = report_progress
         self._cancel = threading.Event()
         self.cancel_reason = "canceled"
+
+    @property
+    def log(self) -> logging.Logger:
+        """A logger writing to the job's own log; made on first use, and the
+        file opened on the first line written."""
+        if self._log is None:
+            self._log = self._job_log.logger(self.id)
+        return self._log
+
+    def close_log(self) -> None:
+        if self._log is not None:
+            for handler in self._log.handlers:
+                handler.close()
 
     @property
     def canceled(self) -> bool:

@@ -147,8 +147,7 @@ def _child(result_fd: int) -> int:
         results.write(json.dumps(message) + "\n")
 
     job_log = JobLog(Path(request["log"]), request["mode"])
-    ctx = JobContext(request["id"], request["params"], request["attempt"],
-                     job_log.logger(request["id"]),
+    ctx = JobContext(request["id"], request["params"], request["attempt"], job_log,
                      lambda _id, done, total, message: send({"progress": [done, total, message]}))
 
     def on_term(_signum, _frame):

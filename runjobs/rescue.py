@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import NamedTuple
 
 from .config import Settings
 from .store import RunnerRow, Store
@@ -28,16 +29,23 @@ def pid_exists(pid: int) -> bool:
     return True
 
 
-def death_reason(runner: RunnerRow, settings: Settings, my_boot: str | None) -> str | None:
+class Death(NamedTuple):
+    reason: str
+    host_restarted: bool = False
+    by_heartbeat: bool = False    # re-checked when the rescue is written
+
+
+def death_reason(runner: RunnerRow, settings: Settings, my_boot: str | None) -> Death | None:
     """Why `runner` is dead, or None if it may be alive."""
     where = f"runner {runner.id} (node {runner.node}, pid {runner.pid})"
     if runner.node == settings.node and my_boot and runner.boot_id:
         if runner.boot_id != my_boot:
-            return f"{where} died with its host's restart"
+            return Death(f"{where} died with its host's restart", host_restarted=True)
         if runner.pid != os.getpid() and not pid_exists(runner.pid):
-            return f"{where} died"
+            return Death(f"{where} died")
     if runner.heartbeat_age > settings.heartbeat_timeout:
-        return f"{where} died (no heartbeat for {runner.heartbeat_age:.0f}s)"
+        return Death(f"{where} died (no heartbeat for {runner.heartbeat_age:.0f}s)",
+                     by_heartbeat=True)
     return None
 
 
@@ -48,12 +56,15 @@ def rescue_once(store: Store, settings: Settings, my_boot: str | None,
     for runner in store.runners_alive():
         if runner.id == my_runner_id:
             continue
-        reason = death_reason(runner, settings, my_boot)
-        if reason is None:
+        death = death_reason(runner, settings, my_boot)
+        if death is None:
             continue
+        reason = death.reason
         # A host that restarted took every job down: no job is to blame.
-        count_crash = not reason.endswith("host's restart") and not _host_rebooted(store, runner)
-        result = store.runner_rescue(runner.id, reason, settings.crash_limit, count_crash)
+        count_crash = not death.host_restarted and not _host_rebooted(store, runner)
+        result = store.runner_rescue(
+            runner.id, reason, settings.crash_limit, count_crash,
+            stale_after=settings.heartbeat_timeout if death.by_heartbeat else None)
         if result is None:
             continue  # another runner got there first
         touched += sum(len(ids) for ids in result.values())

@@ -102,6 +102,7 @@ class Runner:
         self._next_expire = 0.0
         self._next_rescue = 0.0
         self._db_error: str | None = None          # set while the database fails
+        self._reconcile_after_outage = False
         self.boot_id = boot_id()
 
     # -- one round ---------------------------------------------------------
@@ -118,21 +119,30 @@ class Runner:
     def tick(self) -> TickResult:
         finished = self._reap()
         self._deliver_timeouts()
-        claimed: list[Job] = []
-        started = 0
         slots = self._own_free_slots()
+        started: list[Job] = []
+        batch = self._unreported + finished
         try:
             self._deliver_cancels()
             self._maintain()
-            if self.claiming and slots > 0:
-                claimed = self.store.jobs_claim(
-                    self.runner_id, self.settings.node, self.settings.capacity).jobs
-                started = self._start(claimed)
+            claim = self.claiming and slots > 0
+            if batch or claim:
+                # Outcomes, claim and start in one transaction.
+                started = self.store.runner_round(self.runner_id, self.settings.node,
+                                                  self.settings.capacity, batch, claim)
+                self._unreported = []
             self._database_ok()
         except StoreError as exc:
-            # Keep the running jobs; claim nothing until the database is back.
+            # Keep the running jobs and their outcomes; claim nothing until
+            # the database is back.
+            self._unreported = batch
             self._database_failed(exc)
-        return TickResult(finished, len(claimed), started, full=bool(claimed) and len(claimed) >= slots)
+        for job in started:
+            self._launch(job, self.registry.get(job.action))
+        if self._reconcile_after_outage:
+            self._reconcile()
+        return TickResult(len(finished), len(started), len(started),
+                          full=bool(started) and len(started) >= slots)
 
     def _database_failed(self, exc: StoreError) -> None:
         if self._db_error is None:  # one line per change of state, not per query
@@ -143,7 +153,20 @@ class Runner:
     def _database_ok(self) -> None:
         if self._db_error is not None:
             log.info("runner %s: database available again", self.runner_id)
+            self._reconcile_after_outage = True
         self._db_error = None
+
+    def _reconcile(self) -> None:
+        """A claim or start may have committed while its answer was lost:
+        put back what the database says is ours but that we do not run."""
+        self._reconcile_after_outage = False
+        try:
+            fixed = self.store.jobs_reconcile(self.runner_id, list(self.running))
+        except StoreError as exc:
+            self._database_failed(exc)
+            return
+        if fixed:
+            log.warning("runner %s: %d job(s) it had lost track of put back", self.runner_id, fixed)
 
     def _own_free_slots(self) -> int:
         """Free slots counting only this process's jobs: when even these fill
@@ -165,18 +188,11 @@ class Runner:
 
             rescue_once(self.store, self.settings, self.boot_id, self.runner_id)
 
-    def _start(self, claimed: list[Job]) -> int:
-        # An unregistered action still "starts", to fail at once in its thread
-        # without importing anything: the row cannot name arbitrary code.
-        actions = {job.id: self.registry.get(job.action) for job in claimed}
-        started = self.store.jobs_start(self.runner_id, [job.id for job in claimed])
-        for job in started:
-            self._launch(job, actions[job.id])
-        return len(started)
-
     def _launch(self, job: Job, action: Action | None) -> None:
+        """Start the job's thread. An unregistered action (None) starts too,
+        to fail at once without importing anything: a row names no code."""
         job_log = JobLog(self.settings.job_log_dir / f"{job.id}.log", self.settings.file_mode)
-        context = JobContext(job.id, job.params, job.attempt, job_log.logger(job.id),
+        context = JobContext(job.id, job.params, job.attempt, job_log,
                              self._report_progress)
         thread = threading.Thread(target=self._job_main, name=f"job-{job.id}",
                                   args=(job.id, action, context, job_log), daemon=True)
@@ -224,7 +240,8 @@ class Runner:
             if entry.stop_sent:  # drop a stop that was sent but not yet raised
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(entry.thread.ident), None)
 
-    def _reap(self) -> int:
+    def _reap(self) -> list[tuple[Job, Outcome, float | None]]:
+        """Outcomes of the jobs that ended since the last round (no I/O)."""
         results = []
         while True:
             try:
@@ -235,13 +252,11 @@ class Runner:
             if entry is None:  # given up as unstoppable; its outcome came too late
                 log.warning("job %s: its abandoned thread ended after all", job_id)
                 continue
-            for handler in entry.context.log.handlers:
-                handler.close()
+            entry.context.close_log()
             results.append((entry.job, outcome, self._retry_in(entry.job, outcome)))
             log.info("job %s (%s) ended %s%s", job_id, entry.job.action, outcome.status.value,
                      f": {outcome.error}" if outcome.error else "")
-        self._report(results)
-        return len(results)
+        return results
 
     def _retry_in(self, job: Job, outcome: Outcome) -> float | None:
         if outcome.status is Status.FAILURE and outcome.retry and job.attempt <= job.retries:
@@ -377,6 +392,9 @@ class Runner:
                 self.stop_claiming()
                 if on_stop_claiming:
                     on_stop_claiming()
+            # Clear before the round, not after the wait: a job that ends
+            # during the round then still wakes the wait below.
+            self.wake.clear()
             try:
                 result = self.tick()
             except Exception:  # a bug of ours: log it, keep the running jobs going
@@ -385,13 +403,19 @@ class Runner:
             if not self.claiming and not self.running:
                 return
             if once and self.claiming and not result.claimed and not self.running:
-                if self.store.jobs_count_active(self.settings.node) == 0:
+                if self._nothing_active():
                     self.stop_claiming()
                     continue
             if result.full:
                 continue  # more may be due: claim again at once
             self.wake.wait(self._wait_time(deadline))
-            self.wake.clear()
+
+    def _nothing_active(self) -> bool:
+        try:
+            return self.store.jobs_count_active(self.settings.node) == 0
+        except StoreError as exc:  # not known: keep going, as tick() does
+            self._database_failed(exc)
+            return False
 
     def _wait_time(self, deadline: float | None) -> float:
         wait = self.settings.poll_interval

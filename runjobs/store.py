@@ -251,24 +251,33 @@ class Store:
         caps the number of jobs (None: as many as fit).
         """
         with self._tx() as conn:
-            used = self._node_usage(conn, node)
-            free = {name: count - used.get(name, 0) for name, count in capacity.items()}
-            slots = sum(max(0, n) for n in free.values())
-            if limit is not None:
-                slots = min(slots, limit)
-            if slots <= 0:
-                return Claim([], used)
-            chosen = self._choose(conn, free, slots)
-            if not chosen:
-                return Claim([], used)
-            now = self._now()
-            rows = conn.execute(
-                sa.update(jobs)
-                .where(jobs.c.id.in_(chosen), jobs.c.status == Status.PENDING.value)
-                .values(status=Status.QUEUED.value, runner_id=runner_id, node=node,
-                        queued_at=now, updated_at=now)
-                .returning(*jobs.c)
-            ).all()
+            return self._claim_in(conn, runner_id, node, capacity, limit)
+
+    def _claim_in(self, conn: sa.Connection, runner_id: int, node: str,
+                  capacity: Mapping[str, int], limit: int | None) -> Claim:
+        used = self._node_usage(conn, node)
+        # A runner declared dead (its jobs rescued) that comes back takes
+        # nothing new: no one would ever rescue jobs of a 'dead' runner.
+        state = conn.execute(sa.select(runners.c.state).where(runners.c.id == runner_id))
+        if state.scalar() == "dead":
+            return Claim([], used)
+        free = {name: count - used.get(name, 0) for name, count in capacity.items()}
+        slots = sum(max(0, n) for n in free.values())
+        if limit is not None:
+            slots = min(slots, limit)
+        if slots <= 0:
+            return Claim([], used)
+        chosen = self._choose(conn, free, slots)
+        if not chosen:
+            return Claim([], used)
+        now = self._now()
+        rows = conn.execute(
+            sa.update(jobs)
+            .where(jobs.c.id.in_(chosen), jobs.c.status == Status.PENDING.value)
+            .values(status=Status.QUEUED.value, runner_id=runner_id, node=node,
+                    queued_at=now, updated_at=now)
+            .returning(*jobs.c)
+        ).all()
         claimed = sorted((_job(r) for r in rows), key=lambda j: (-j.priority, j.run_at, j.id))
         return Claim(claimed, used)
 
@@ -310,17 +319,20 @@ class Store:
         if not ids:
             return []
         with self._tx() as conn:
-            now = self._now()
-            rows = conn.execute(
-                sa.update(jobs)
-                .where(jobs.c.id.in_(ids), jobs.c.runner_id == runner_id,
-                       jobs.c.status == Status.QUEUED.value)
-                .values(status=Status.RUNNING.value, attempt=jobs.c.attempt + 1,
-                        started_at=now, updated_at=now, error=None)
-                .returning(*jobs.c)
-            ).all()
-            if len(rows) < len(ids):
-                self._cancel_unstarted(conn, runner_id, ids)
+            return self._start_in(conn, runner_id, ids)
+
+    def _start_in(self, conn: sa.Connection, runner_id: int, ids: Sequence[int]) -> list[Job]:
+        now = self._now()
+        rows = conn.execute(
+            sa.update(jobs)
+            .where(jobs.c.id.in_(ids), jobs.c.runner_id == runner_id,
+                   jobs.c.status == Status.QUEUED.value)
+            .values(status=Status.RUNNING.value, attempt=jobs.c.attempt + 1,
+                    started_at=now, updated_at=now, error=None)
+            .returning(*jobs.c)
+        ).all()
+        if len(rows) < len(ids):
+            self._cancel_unstarted(conn, runner_id, ids)
         return [_job(r) for r in rows]
 
     def _cancel_unstarted(self, conn: sa.Connection, runner_id: int, ids: Sequence[int]) -> None:
@@ -363,19 +375,41 @@ class Store:
         canceled that failed ends CANCELED and is not retried. Returns the ids
         written (a job whose status changed under it is left alone).
         """
-        written: list[int] = []
         with self._tx() as conn:
-            groups: dict[tuple, list[int]] = {}
-            for job, outcome, retry_in in results:
-                if retry_in is not None:
-                    written += self._retry(conn, runner_id, job, outcome, retry_in)
-                elif outcome == Outcome(outcome.status):  # a plain outcome: batch it
-                    groups.setdefault((outcome.status,), []).append(job.id)
-                else:
-                    written += self._final(conn, runner_id, [job.id], outcome)
-            for (status,), ids in groups.items():
-                written += self._final(conn, runner_id, ids, Outcome(status))
+            return self._finish_in(conn, runner_id, results)
+
+    def _finish_in(self, conn: sa.Connection, runner_id: int,
+                   results: Sequence[tuple[Job, Outcome, float | None]]) -> list[int]:
+        written: list[int] = []
+        groups: dict[tuple, list[int]] = {}
+        for job, outcome, retry_in in results:
+            if retry_in is not None:
+                written += self._retry(conn, runner_id, job, outcome, retry_in)
+            elif outcome == Outcome(outcome.status):  # a plain outcome: batch it
+                groups.setdefault((outcome.status,), []).append(job.id)
+            else:
+                written += self._final(conn, runner_id, [job.id], outcome)
+        for (status,), ids in groups.items():
+            written += self._final(conn, runner_id, ids, Outcome(status))
         return written
+
+    def runner_round(self, runner_id: int, node: str, capacity: Mapping[str, int],
+                     results: Sequence[tuple[Job, Outcome, float | None]],
+                     claim: bool) -> list[Job]:
+        """One runner round in one transaction: record `results` (as
+        jobs_finish), then, if `claim`, claim what fits and start it
+        (PENDING -> QUEUED -> RUNNING). Returns the jobs started.
+
+        One commit per round instead of three is what lets a runner keep up
+        with short jobs.
+        """
+        with self._tx() as conn:
+            if results:
+                self._finish_in(conn, runner_id, results)
+            if not claim:
+                return []
+            claimed = self._claim_in(conn, runner_id, node, capacity, None).jobs
+            return self._start_in(conn, runner_id, [j.id for j in claimed]) if claimed else []
 
     def _final(self, conn: sa.Connection, runner_id: int, ids: list[int],
                outcome: Outcome) -> list[int]:
@@ -581,19 +615,24 @@ class Store:
                 .order_by(runners.c.id.desc()).limit(1)).scalar()
 
     def runner_rescue(self, runner_id: int, reason: str, crash_limit: int,
-                      count_crash: bool) -> dict[str, list[int]] | None:
+                      count_crash: bool, stale_after: float | None = None
+                      ) -> dict[str, list[int]] | None:
         """Declare a runner dead and rescue its jobs, in one transaction.
 
         QUEUED -> PENDING; TO_CANCEL -> CANCELED; RUNNING -> PENDING as a retry
         when retries are left, else ABANDONED; a job that took its runner
         down `crash_limit` times in a row -> ABANDONED. Returns the job ids by
-        what happened to them, or None if another runner rescued it first.
+        what happened to them, or None if another runner rescued it first
+        (or, with `stale_after`, if its heartbeat is no longer that old: the
+        decision is re-checked in the same statement that makes it).
         """
         with self._tx() as conn:
             now = self._now()
+            where = [runners.c.id == runner_id, runners.c.state.in_(["claiming", "draining"])]
+            if stale_after is not None:
+                where.append(runners.c.heartbeat_at < self._now_plus(-stale_after))
             claimed = conn.execute(
-                sa.update(runners)
-                .where(runners.c.id == runner_id, runners.c.state.in_(["claiming", "draining"]))
+                sa.update(runners).where(*where)
                 .values(state="dead", exited_at=now).returning(runners.c.id)).first()
             if claimed is None:
                 return None
@@ -612,14 +651,34 @@ class Store:
                                      error=f"{reason} while the job ran; retried"))
             poisoned = self._rescue_update(conn, sa.and_(mine, poison), Status.RUNNING, dict(
                 status=Status.ABANDONED.value, finished_at=now, crashes=crashes,
-                error=sa.literal(f"{reason} while the job ran; it was running when its runner "
-                                 "died ") + sa.cast(crashes, sa.String) + " times in a row: "
-                      "not retried again"))
+                error=sa.literal(f"{reason} while the job ran; it took its runner down ")
+                + sa.cast(crashes, sa.String) + " times in a row: not retried again"))
             abandoned = self._rescue_update(conn, mine, Status.RUNNING, dict(
                 status=Status.ABANDONED.value, finished_at=now, crashes=crashes,
                 error=f"{reason} while the job ran; no retries left"))
         return {"requeued": requeued, "canceled": canceled, "retried": retried,
                 "abandoned": poisoned + abandoned}
+
+    def jobs_reconcile(self, runner_id: int, running_ids: Sequence[int]) -> int:
+        """After the database came back: this runner's jobs that the database
+        shows QUEUED or RUNNING but that it is not running (a claim or start
+        whose answer was lost) go back to PENDING, their attempt undone;
+        TO_CANCEL ones end CANCELED. Returns how many were put right."""
+        with self._tx() as conn:
+            now = self._now()
+            mine = sa.and_(jobs.c.runner_id == runner_id, jobs.c.id.not_in(list(running_ids)))
+            back = conn.execute(
+                sa.update(jobs)
+                .where(mine, jobs.c.status.in_([Status.QUEUED.value, Status.RUNNING.value]))
+                .values(status=Status.PENDING.value, runner_id=None, node=None, queued_at=None,
+                        started_at=None, updated_at=now,
+                        attempt=sa.case((jobs.c.status == Status.RUNNING.value,
+                                         jobs.c.attempt - 1), else_=jobs.c.attempt))).rowcount
+            canceled = conn.execute(
+                sa.update(jobs).where(mine, jobs.c.status == Status.TO_CANCEL.value)
+                .values(status=Status.CANCELED.value, finished_at=now, updated_at=now,
+                        error="canceled while its runner had lost the database")).rowcount
+        return back + canceled
 
     def _rescue_update(self, conn: sa.Connection, where, status: Status,
                        values: dict[str, Any]) -> list[int]:

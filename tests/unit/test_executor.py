@@ -29,7 +29,7 @@ EXIT_WITH = textwrap.dedent("""
 def run_job(tmp_path: Path, action: Action, params: dict | None = None, job_id: int = 7):
     """Execute `action` as job `job_id`; returns (Outcome, the job log's text)."""
     job_log = JobLog(tmp_path / "logs" / "jobs" / f"{job_id}.log", 0o600)
-    ctx = JobContext(job_id, params or {}, 1, job_log.logger(job_id))
+    ctx = JobContext(job_id, params or {}, 1, job_log)
     outcome = execute(action, ctx, job_log, grace=2.0)
     for handler in ctx.log.handlers:
         handler.close()

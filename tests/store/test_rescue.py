@@ -1,0 +1,406 @@
+"""Dead runners and their jobs, on a real SQLite file and a real PostgreSQL.
+
+Each test writes the crashed state directly (a runner row that owns QUEUED or
+RUNNING jobs, its heartbeat aged with a plain UPDATE, or its pid one that no
+longer exists on this host), calls `rescue_once` once and checks what
+became of the jobs and the runner.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from conftest import cli
+from runjobs.models import JobSpec, Outcome, Status
+from runjobs.rescue import rescue_once
+from runjobs.runner import boot_id
+from runjobs.schema import jobs, runners
+from runjobs.store import Store, open_store
+
+CAPACITY = {"default": 10}
+OTHER = "node-x"          # a node other than the rescuer's own
+BOOT = boot_id()
+
+
+def submit(store: Store, action: str = "sleep", **fields) -> int:
+    return store.jobs_submit([JobSpec(action, {"seconds": 60}, **fields)])[0].id
+
+
+def register(store: Store, node: str = OTHER, pid: int | None = None,
+             boot: str | None = "boot-1") -> int:
+    return store.runner_register(node, pid or os.getpid(), boot, None, "test")
+
+
+def claim(store: Store, runner_id: int, node: str = OTHER) -> list[int]:
+    return [j.id for j in store.jobs_claim(runner_id, node, CAPACITY).jobs]
+
+
+def start(store: Store, runner_id: int, node: str = OTHER) -> list[int]:
+    return [j.id for j in store.jobs_start(runner_id, claim(store, runner_id, node))]
+
+
+def age(store: Store, runner_id: int, seconds: float = 600) -> None:
+    """The runner's last heartbeat was `seconds` ago on the database's clock."""
+    with store.engine.begin() as conn:
+        conn.execute(sa.update(runners).where(runners.c.id == runner_id)
+                     .values(heartbeat_at=store.db_now() - dt.timedelta(seconds=seconds)))
+
+
+def crashes(store: Store, job_id: int) -> int:
+    with store.engine.begin() as conn:
+        return conn.execute(sa.select(jobs.c.crashes).where(jobs.c.id == job_id)).scalar_one()
+
+
+def runner_state(store: Store, runner_id: int) -> str:
+    with store.engine.begin() as conn:
+        return conn.execute(sa.select(runners.c.state).where(runners.c.id == runner_id)).scalar_one()
+
+
+def gone_pid() -> int:
+    """A pid that existed a moment ago and no longer does."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    assert not os.path.exists(f"/proc/{process.pid}")
+    return process.pid
+
+
+def crash_once(store: Store, settings, job_id: int, node: str = OTHER,
+               boot: str = "boot-1") -> Status:
+    """Claim and start `job_id` on a new runner, let that runner die, rescue."""
+    runner = register(store, node, boot=boot)
+    assert start(store, runner, node) == [job_id]
+    age(store, runner)
+    assert rescue_once(store, settings, BOOT) == 1
+    return store.job_get(job_id).status
+
+
+# -- what becomes of each job ---------------------------------------------------------
+
+
+def test_dead_runners_queued_jobs_go_back_to_pending_unchanged(store, settings):
+    ids = [submit(store, retries=0), submit(store, retries=0)]
+    runner = register(store)
+    assert sorted(claim(store, runner)) == sorted(ids)
+    age(store, runner)
+
+    assert rescue_once(store, settings, BOOT) == 2
+    for job_id in ids:
+        job = store.job_get(job_id)
+        assert (job.status, job.attempt, job.runner_id, job.node, job.queued_at) == (
+            Status.PENDING, 0, None, None, None)
+        assert crashes(store, job_id) == 0
+    assert runner_state(store, runner) == "dead"
+    # Back in the queue: another runner can claim them.
+    assert sorted(claim(store, register(store, "node-y"), "node-y")) == sorted(ids)
+
+
+def test_running_job_with_retries_left_is_retried_naming_the_dead_runner(store, settings):
+    job_id = submit(store, retries=1)
+    runner = register(store)
+    assert start(store, runner) == [job_id]
+    age(store, runner)
+
+    assert rescue_once(store, settings, BOOT) == 1
+    job = store.job_get(job_id)
+    assert (job.status, job.attempt, job.runner_id, job.finished_at) == (
+        Status.PENDING, 1, None, None)
+    assert f"runner {runner}" in job.error and OTHER in job.error
+    assert job.run_at <= store.db_now()  # due again at once
+    assert crashes(store, job_id) == 1
+    assert runner_state(store, runner) == "dead"
+    # The retry runs as attempt 2.
+    other = register(store, "node-y")
+    assert [j.attempt for j in store.jobs_start(other, claim(store, other, "node-y"))] == [2]
+
+
+def test_running_job_without_retries_left_is_abandoned_naming_the_dead_runner(store, settings):
+    none_left = submit(store, retries=0)
+    runner = register(store)
+    assert start(store, runner) == [none_left]
+    age(store, runner)
+
+    assert rescue_once(store, settings, BOOT) == 1
+    job = store.job_get(none_left)
+    assert job.status == Status.ABANDONED and job.finished_at is not None
+    assert f"runner {runner}" in job.error and "no retries left" in job.error
+
+
+def test_last_retry_used_up_is_abandoned(store, settings):
+    job_id = submit(store, retries=1)
+    assert crash_once(store, settings, job_id) == Status.PENDING
+    assert crash_once(store, settings, job_id) == Status.ABANDONED
+    assert store.job_get(job_id).attempt == 2
+
+
+def test_job_being_canceled_ends_canceled_not_retried(store, settings):
+    running, queued = submit(store, retries=3), submit(store, retries=3)
+    runner = register(store)
+    claimed = claim(store, runner)
+    store.jobs_start(runner, [running])
+    assert store.job_cancel(running) == Status.TO_CANCEL
+    assert store.job_cancel(queued) == Status.TO_CANCEL
+    assert sorted(claimed) == sorted([running, queued])
+    age(store, runner)
+
+    assert rescue_once(store, settings, BOOT) == 2
+    for job_id in (running, queued):
+        job = store.job_get(job_id)
+        assert job.status == Status.CANCELED and job.finished_at is not None
+        assert f"runner {runner}" in job.error
+
+
+# -- crashes in a row: poison jobs ---------------------------------------------------------
+
+
+def test_job_that_took_its_runner_down_crash_limit_times_is_abandoned(store, settings):
+    assert settings.crash_limit == 3
+    job_id = submit(store, retries=10)
+    assert crash_once(store, settings, job_id) == Status.PENDING
+    assert crash_once(store, settings, job_id) == Status.PENDING
+    assert crashes(store, job_id) == 2
+    assert crash_once(store, settings, job_id) == Status.ABANDONED
+    job = store.job_get(job_id)
+    assert "3 times" in job.error and "not retried" in job.error
+    assert job.attempt == 3 and crashes(store, job_id) == 3
+
+
+def test_crash_limit_setting_is_honoured(store, settings):
+    settings = settings.replace(crash_limit=1)
+    job_id = submit(store, retries=10)
+    assert crash_once(store, settings, job_id) == Status.ABANDONED
+    assert "1 times" in store.job_get(job_id).error
+
+
+def test_a_run_that_ends_in_its_runner_resets_the_count(store, settings):
+    job_id = submit(store, retries=10)
+    assert crash_once(store, settings, job_id) == Status.PENDING
+    assert crash_once(store, settings, job_id) == Status.PENDING
+    # The third attempt fails on its own, and is retried: no crash.
+    runner = register(store)
+    [job] = store.jobs_start(runner, claim(store, runner))
+    assert store.jobs_finish(runner, [(job, Outcome(Status.FAILURE, error="boom"), 0.0)]) == [
+        job_id]
+    assert crashes(store, job_id) == 0
+    assert crash_once(store, settings, job_id) == Status.PENDING
+    assert crash_once(store, settings, job_id) == Status.PENDING
+    assert crash_once(store, settings, job_id) == Status.ABANDONED
+
+
+def test_host_restart_on_this_node_is_not_counted_against_the_job(store, settings):
+    job_id = submit(store, retries=10)
+    for _ in range(2):
+        assert crash_once(store, settings, job_id) == Status.PENDING
+    # A runner of this node from an earlier boot: dead at once (its heartbeat
+    # is fresh), and the host's restart took every job down.
+    runner = register(store, settings.node, pid=os.getppid(), boot="an-earlier-boot")
+    assert start(store, runner, settings.node) == [job_id]
+    assert rescue_once(store, settings, "this-boot") == 1
+    job = store.job_get(job_id)
+    assert job.status == Status.PENDING and crashes(store, job_id) == 2
+    assert "restart" in job.error and f"runner {runner}" in job.error
+    assert runner_state(store, runner) == "dead"
+
+
+def test_newer_runner_of_the_node_with_another_boot_means_host_restart(store, settings):
+    job_id = submit(store, retries=10)
+    for _ in range(2):
+        assert crash_once(store, settings, job_id, boot="boot-1") == Status.PENDING
+    old = register(store, OTHER, boot="boot-1")
+    assert start(store, old) == [job_id]
+    age(store, old)
+    newer = register(store, OTHER, boot="boot-2")   # the host came back
+    assert rescue_once(store, settings, BOOT) == 1
+    assert store.job_get(job_id).status == Status.PENDING
+    assert crashes(store, job_id) == 2
+    assert runner_state(store, newer) == "claiming"
+
+
+# -- who is dead -------------------------------------------------------------------------
+
+
+def test_runner_with_a_fresh_heartbeat_is_left_alone(store, settings):
+    job_id = submit(store, retries=0)
+    runner = register(store)
+    start(store, runner)
+    age(store, runner, settings.heartbeat_timeout / 3)
+
+    assert rescue_once(store, settings, BOOT) == 0
+    assert store.job_get(job_id).status == Status.RUNNING
+    assert runner_state(store, runner) == "claiming"
+
+
+def test_heartbeat_just_past_the_timeout_is_dead(store, settings):
+    job_id = submit(store, retries=0)
+    runner = register(store)
+    start(store, runner)
+    age(store, runner, settings.heartbeat_timeout + 2)
+
+    assert rescue_once(store, settings, BOOT) == 1
+    assert store.job_get(job_id).status == Status.ABANDONED
+
+
+@pytest.mark.skipif(BOOT is None, reason="no boot id on this system")
+def test_runner_of_this_node_whose_pid_is_gone_is_dead_at_once(store, settings):
+    job_id = submit(store, retries=1)
+    runner = register(store, settings.node, pid=gone_pid(), boot=BOOT)
+    assert start(store, runner, settings.node) == [job_id]
+
+    assert rescue_once(store, settings, BOOT) == 1  # no waiting for the timeout
+    job = store.job_get(job_id)
+    assert job.status == Status.PENDING and f"runner {runner}" in job.error
+    assert crashes(store, job_id) == 1   # its own crash counts
+    assert runner_state(store, runner) == "dead"
+
+
+@pytest.mark.skipif(BOOT is None, reason="no boot id on this system")
+def test_runner_of_this_node_whose_pid_exists_is_left_alone(store, settings):
+    job_id = submit(store, retries=0)
+    runner = register(store, settings.node, pid=os.getppid(), boot=BOOT)
+    start(store, runner, settings.node)
+
+    assert rescue_once(store, settings, BOOT) == 0
+    assert store.job_get(job_id).status == Status.RUNNING
+    assert runner_state(store, runner) == "claiming"
+
+
+def test_same_pid_on_another_node_is_judged_by_heartbeat_only(store, settings):
+    job_id = submit(store, retries=0)
+    runner = register(store, OTHER, pid=gone_pid(), boot=BOOT)
+    start(store, runner)
+
+    assert rescue_once(store, settings, BOOT) == 0
+    assert store.job_get(job_id).status == Status.RUNNING
+
+
+def test_rescuer_never_rescues_itself(store, settings):
+    job_id = submit(store, retries=0)
+    runner = register(store)
+    start(store, runner)
+    age(store, runner)
+
+    assert rescue_once(store, settings, BOOT, my_runner_id=runner) == 0
+    assert store.job_get(job_id).status == Status.RUNNING
+
+
+def test_runners_that_exited_are_not_rescued(store, settings):
+    runner = register(store)
+    store.runner_set_state(runner, "exited")
+    age(store, runner)
+    assert rescue_once(store, settings, BOOT) == 0
+    assert runner_state(store, runner) == "exited"
+
+
+# -- two rescuers ---------------------------------------------------------------------
+
+
+def test_two_rescuers_at_once_only_one_rescues(store, settings):
+    ids = [submit(store, retries=1) for _ in range(3)] + [submit(store, retries=0)]
+    runner = register(store)
+    assert sorted(start(store, runner)) == sorted(ids)
+    age(store, runner)
+
+    stores = [open_store(settings) for _ in range(2)]
+    barrier = threading.Barrier(2)
+    results: list = [None, None]
+
+    def rescue(index: int) -> None:
+        barrier.wait()
+        results[index] = stores[index].runner_rescue(runner, f"runner {runner} died", 3, True)
+
+    threads = [threading.Thread(target=rescue, args=(i,)) for i in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        for other in stores:
+            other.dispose()
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1
+    assert sorted(winners[0]["retried"]) == sorted(ids[:3])
+    assert winners[0]["abandoned"] == [ids[3]]
+    assert store.runner_rescue(runner, "again", 3, True) is None
+    assert all(crashes(store, i) == 1 for i in ids)  # counted once, not twice
+    assert runner_state(store, runner) == "dead"
+
+
+# -- runjobs runners ---------------------------------------------------------------------
+
+
+def test_runners_json_shows_a_runner_without_heartbeat_dead(store, settings, environ):
+    dead, alive = register(store), register(store, "node-y")
+    job_id = submit(store, retries=0)
+    assert start(store, dead) == [job_id]
+    age(store, dead)
+
+    result = cli(environ, "runners", "--json")
+    assert result.returncode == 0, result.stderr
+    by_id = {r["id"]: r for r in json.loads(result.stdout)}
+    assert by_id[dead]["state"] == "dead" and by_id[dead]["jobs"] == [job_id]
+    assert by_id[dead]["heartbeat_age"] >= 590
+    assert by_id[alive]["state"] == "claiming" and by_id[alive]["heartbeat_age"] < 30
+
+    rescue_once(store, settings, BOOT)
+    by_id = {r["id"]: r for r in json.loads(cli(environ, "runners", "--json").stdout)}
+    assert by_id[dead]["state"] == "dead" and by_id[dead]["jobs"] == []
+
+
+def test_runner_declared_dead_that_comes_back_claims_nothing(store, settings):
+    first = submit(store, retries=1)
+    runner = register(store)
+    assert start(store, runner) == [first]
+    age(store, runner)
+    assert rescue_once(store, settings, BOOT) == 1
+    # It was only cut off; it heartbeats again, but its jobs went to others:
+    # a claim by it could never be rescued again, so it gets nothing.
+    store.runner_heartbeat(runner)
+    later = submit(store, retries=0)
+    assert claim(store, runner) == []
+    assert store.job_get(later).status == Status.PENDING
+    assert sorted(claim(store, register(store, "node-y"), "node-y")) == sorted([first, later])
+
+
+def test_a_heartbeat_that_arrives_before_the_rescue_is_written_saves_the_runner(store, settings):
+    runner = register(store)
+    job = submit(store, retries=1)
+    assert start(store, runner) == [job]
+    # The rescuer read an old heartbeat, then the runner beat again: the
+    # rescue, re-checked in its own statement, does not happen.
+    assert store.runner_rescue(runner, "stale read", 3, True,
+                               stale_after=settings.heartbeat_timeout) is None
+    assert runner_state(store, runner) == "claiming"
+    assert store.job_get(job).status is Status.RUNNING
+    age(store, runner)
+    assert store.runner_rescue(runner, "really dead", 3, True,
+                               stale_after=settings.heartbeat_timeout) is not None
+
+
+def test_poison_error_says_the_job_took_its_runner_down(store, settings):
+    job = submit(store, retries=5)
+    for _ in range(3):
+        crash_once(store, settings, job)
+    assert "took its runner down 3 times in a row" in store.job_get(job).error
+
+
+def test_reconcile_puts_back_what_a_lost_answer_left_behind(store):
+    """A claim and a start committed but their answers were lost: the runner
+    runs none of these jobs, so once the database is back they go back."""
+    runner = register(store, node=OTHER)
+    queued, running, canceling, kept = (submit(store) for _ in range(4))
+    claim(store, runner)
+    store.jobs_start(runner, [running, canceling, kept])
+    store.job_cancel(canceling)
+    assert store.jobs_reconcile(runner, [kept]) == 3
+    assert store.job_get(queued).status is Status.PENDING
+    back = store.job_get(running)
+    assert (back.status, back.attempt, back.runner_id) == (Status.PENDING, 0, None)
+    assert store.job_get(canceling).status is Status.CANCELED
+    assert store.job_get(kept).status is Status.RUNNING
