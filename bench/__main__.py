@@ -285,18 +285,29 @@ def _fmt(value: float | None) -> str:
 
 
 def print_report(report: dict) -> None:
+    _print_figures(report)
+    _print_targets(report)
+    for note in report["notes"]:
+        print("note: " + note)
+
+
+def _figure_names(results: dict) -> list[str]:
+    names = []
+    for workload in WORKLOADS:
+        for kind_results in results.values():
+            for metric in kind_results.get(workload, {}).get("median", {}):
+                if metric != "run_s" and f"{workload}.{metric}" not in names:
+                    names.append(f"{workload}.{metric}")
+    return names
+
+
+def _print_figures(report: dict) -> None:
     results, kinds = report["results"], list(report["results"])
     print(f"\nmedians of {report['sizes']['repeat']} run(s) each ({report['mode']} sizes)")
     header = f"{'figure':<40}" + "".join(f"{k:>14}{'ratio':>8}" for k in kinds)
     print(header)
     print("-" * len(header))
-    names = []
-    for workload in WORKLOADS:
-        for kind in kinds:
-            for metric in results[kind].get(workload, {}).get("median", {}):
-                if metric != "run_s" and f"{workload}.{metric}" not in names:
-                    names.append(f"{workload}.{metric}")
-    for name in names:
+    for name in _figure_names(results):
         line = f"{name:<40}"
         for kind in kinds:
             ratio = report["ratios"][kind].get(f"{name}/{RATIOS.get(name)}")
@@ -309,15 +320,16 @@ def print_report(report: dict) -> None:
         for workload, entry in results[kind].items():
             if "error" in entry:
                 print(f"{kind} {workload}: FAILED: {entry['error']}")
+
+
+def _print_targets(report: dict) -> None:
+    kinds = list(report["results"])
     print(f"\n{'target':<48}{'bound':>10}{'measured':>12}  result")
     for t in report["targets"]:
         if t["database"] not in kinds:
             continue
         result = "-" if t["met"] is None else ("met" if t["met"] else "MISSED")
         print(f"{t['target']:<48}{t['bound']:>10}{_fmt(t['measured']):>12}  {result}")
-    for note in report["notes"]:
-        print("note: " + note)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -79,7 +79,8 @@ def drain(db: Db, jobs: int, preload: int = 0) -> dict[str, float]:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=30)
-        raise RuntimeError(f"drain: runner still running after {DRAIN_TIMEOUT}s: {_tail(db)}")
+        raise RuntimeError(
+            f"drain: runner still running after {DRAIN_TIMEOUT}s: {_tail(db)}") from None
     finally:
         out.close()
     exited = time.time()

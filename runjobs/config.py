@@ -6,6 +6,7 @@ Everything else receives a frozen `Settings`; nothing else reads os.environ.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import os
 import re
@@ -105,13 +106,11 @@ def parse_duration(value: Any, key: str = "duration") -> float:
     return seconds
 
 
-def parse_when(value: Any, key: str = "time") -> "dt.datetime":
+def parse_when(value: Any, key: str = "time") -> dt.datetime:
     """ISO 8601 with a zone (or Z), or `now` -> an aware UTC datetime.
 
     A time without a zone is refused rather than guessed. Raises ConfigError.
     """
-    import datetime as dt
-
     text = str(value).strip()
     if text.lower() == "now":
         return dt.datetime.now(dt.timezone.utc)

@@ -24,7 +24,7 @@ from .config import Settings
 from .errors import StoreError
 from .executor import execute, stopped_outcome
 from .models import Job, Outcome, Status
-from .store import Store, needs_of, usage
+from .store import Store, usage
 
 log = logging.getLogger("runjobs.runner")
 
@@ -60,8 +60,8 @@ class RunningJob:
     job: Job
     action: Action
     context: JobContext
-    thread: threading.Thread
     started: float                     # monotonic
+    ident: int | None = None           # the worker thread running it, once picked up
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     done: bool = False                 # the thread has its outcome; no more stops
     stop_sent: bool = False
@@ -91,6 +91,7 @@ class Runner:
         self.clock = clock
         self.runner_id: int | None = None
         self.running: dict[int, RunningJob] = {}
+        self._workers = _Workers()
         self.claiming = True
         self.stop_requested = False
         self._shutdown_at: float | None = None    # monotonic time of SIGTERM
@@ -129,7 +130,7 @@ class Runner:
             if batch or claim:
                 # Outcomes, claim and start in one transaction.
                 started = self.store.runner_round(self.runner_id, self.settings.node,
-                                                  self.settings.capacity, batch, claim)
+                                                  self.settings.capacity, batch, claim, slots)
                 self._unreported = []
             self._database_ok()
         except StoreError as exc:
@@ -194,15 +195,18 @@ class Runner:
         job_log = JobLog(self.settings.job_log_dir / f"{job.id}.log", self.settings.file_mode)
         context = JobContext(job.id, job.params, job.attempt, job_log,
                              self._report_progress)
-        thread = threading.Thread(target=self._job_main, name=f"job-{job.id}",
-                                  args=(job.id, action, context, job_log), daemon=True)
-        self.running[job.id] = RunningJob(job, action, context, thread, time.monotonic())
-        log.info("job %s (%s) started, attempt %s", job.id, job.action, job.attempt)
-        thread.start()
+        self.running[job.id] = RunningJob(job, action, context, time.monotonic())
+        log.debug("job %s (%s) started, attempt %s", job.id, job.action, job.attempt)
+        self._workers.submit(lambda: self._job_main(job.id, action, context, job_log))
 
     def _job_main(self, job_id: int, action: Action | None, context: JobContext,
                   job_log: JobLog) -> None:
-        outcome: Outcome | None = None
+        """In a worker thread: run the job, hand its outcome to the loop."""
+        entry = self.running[job_id]
+        with entry.lock:
+            entry.ident = threading.get_ident()
+            stopped_before = entry.stop_sent
+        outcome = stopped_outcome(context.cancel_reason) if stopped_before else None
         while True:
             # A stop raised inside this thread may land after the action
             # returned; loop until the outcome is safely marked done.
@@ -238,7 +242,7 @@ class Runner:
         with entry.lock:
             entry.done = True
             if entry.stop_sent:  # drop a stop that was sent but not yet raised
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(entry.thread.ident), None)
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(entry.ident), None)
 
     def _reap(self) -> list[tuple[Job, Outcome, float | None]]:
         """Outcomes of the jobs that ended since the last round (no I/O)."""
@@ -318,10 +322,11 @@ class Runner:
             # Commands and process-isolated callables watch context.canceled
             # and stop their process group; a callable in a thread gets the
             # exception raised inside it.
-            if entry.action is not None and entry.action.command is None \
-                    and entry.action.isolation == "thread":
+            # Not picked up yet (ident None): the worker sees stop_sent.
+            if entry.ident is not None and entry.action is not None \
+                    and entry.action.command is None and entry.action.isolation == "thread":
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(entry.thread.ident), ctypes.py_object(JobCanceled))
+                    ctypes.c_ulong(entry.ident), ctypes.py_object(JobCanceled))
 
     def _give_up(self, entry: RunningJob) -> None:
         """A job that ignored its stop for the whole grace period (stuck in C
@@ -449,6 +454,35 @@ class Runner:
         self._shutdown_at = now
         self.stop_requested = True
         self.wake.set()
+
+
+class _Workers:
+    """Job threads, kept for the whole cycle: starting a thread per job costs
+    more than a short job. Grows to the most jobs run at once; a worker given
+    up as stuck is simply never idle again, and a new one takes its place."""
+
+    def __init__(self) -> None:
+        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def submit(self, task: Callable[[], None]) -> None:
+        with self._lock:
+            reuse = self._idle > 0
+            if reuse:
+                self._idle -= 1
+        if not reuse:
+            threading.Thread(target=self._work, name="job-worker", daemon=True).start()
+        self._tasks.put(task)
+
+    def _work(self) -> None:
+        while True:
+            try:
+                self._tasks.get()()
+            except JobCanceled:  # a stop that landed after its job: nothing to stop
+                pass
+            with self._lock:
+                self._idle += 1
 
 
 class _Heartbeat(threading.Thread):

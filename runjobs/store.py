@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 import select
 import threading
-import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import sqlalchemy as sa
@@ -39,6 +38,7 @@ NOTIFY_CHANNEL = "runjobs"
 _ACTIVE = [s.value for s in ACTIVE]
 _FINAL = [s.value for s in FINAL]
 _ORDER = (jobs.c.priority.desc(), jobs.c.run_at, jobs.c.id)
+_active = jobs.alias("active")  # the node's QUEUED/RUNNING jobs, beside the candidates
 
 
 def utcnow() -> dt.datetime:
@@ -47,7 +47,8 @@ def utcnow() -> dt.datetime:
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
-    """What one claim round got: the jobs, and the node's use before it."""
+    """What one claim round got: the jobs, best first, and the node's use
+    before it (empty when nothing was due)."""
 
     jobs: list[Job]
     used: dict[str, int]
@@ -82,6 +83,20 @@ def needs_of(raw: Mapping[str, int] | None) -> dict[str, int]:
 
 def fits(needs: Mapping[str, int], free: Mapping[str, int]) -> bool:
     return all(free.get(name, 0) >= count for name, count in needs.items())
+
+
+def _fitting(candidates: Iterable[tuple[int, Any]], free: dict[str, int], most: int) -> list[int]:
+    """Ids of the candidates, in order, that fit `free` (which it consumes)."""
+    chosen = []
+    for job_id, raw_needs in candidates:
+        if len(chosen) >= most:
+            break
+        needs = needs_of(raw_needs)
+        if fits(needs, free):
+            chosen.append(job_id)
+            for name, count in needs.items():
+                free[name] -= count
+    return chosen
 
 
 def usage(needs_list: Iterable[Mapping[str, int] | None]) -> dict[str, int]:
@@ -251,64 +266,68 @@ class Store:
         caps the number of jobs (None: as many as fit).
         """
         with self._tx() as conn:
-            return self._claim_in(conn, runner_id, node, capacity, limit)
+            ids, used = self._claim_in(conn, runner_id, node, capacity, limit)
+            rows = conn.execute(sa.select(jobs).where(jobs.c.id.in_(ids))).all() if ids else []
+        by_id = {row.id: _job(row) for row in rows}
+        return Claim([by_id[job_id] for job_id in ids], used)
 
     def _claim_in(self, conn: sa.Connection, runner_id: int, node: str,
-                  capacity: Mapping[str, int], limit: int | None) -> Claim:
-        used = self._node_usage(conn, node)
-        # A runner declared dead (its jobs rescued) that comes back takes
-        # nothing new: no one would ever rescue jobs of a 'dead' runner.
-        state = conn.execute(sa.select(runners.c.state).where(runners.c.id == runner_id))
-        if state.scalar() == "dead":
-            return Claim([], used)
-        free = {name: count - used.get(name, 0) for name, count in capacity.items()}
-        slots = sum(max(0, n) for n in free.values())
+                  capacity: Mapping[str, int], limit: int | None
+                  ) -> tuple[list[int], dict[str, int]]:
+        """Claim in `conn`: the ids claimed, best first, and the node's use."""
+        most = sum(max(0, n) for n in capacity.values())
         if limit is not None:
-            slots = min(slots, limit)
-        if slots <= 0:
-            return Claim([], used)
-        chosen = self._choose(conn, free, slots)
-        if not chosen:
-            return Claim([], used)
-        now = self._now()
-        rows = conn.execute(
-            sa.update(jobs)
-            .where(jobs.c.id.in_(chosen), jobs.c.status == Status.PENDING.value)
-            .values(status=Status.QUEUED.value, runner_id=runner_id, node=node,
-                    queued_at=now, updated_at=now)
-            .returning(*jobs.c)
-        ).all()
-        claimed = sorted((_job(r) for r in rows), key=lambda j: (-j.priority, j.run_at, j.id))
-        return Claim(claimed, used)
-
-    def _node_usage(self, conn: sa.Connection, node: str) -> dict[str, int]:
-        query = sa.select(jobs.c.needs).where(jobs.c.node == node, jobs.c.status.in_(_ACTIVE))
-        return usage(conn.execute(query).scalars())
-
-    def _choose(self, conn: sa.Connection, free: dict[str, int], slots: int) -> list[int]:
-        """Ids of due jobs, best first, that fit `free` (which it consumes)."""
-        now = self._now()
+            most = min(most, limit)
+        if most <= 0:
+            return [], {}
         # Look past a few jobs that need more than is free, so one big job
         # at the head of the queue does not stop small ones from starting.
+        candidates, used = self._candidates(conn, node, most + 16)
+        free = {name: count - used.get(name, 0) for name, count in capacity.items()}
+        chosen = _fitting(candidates, free, most)
+        if not chosen:
+            return [], used
+        now = self._now()
+        # A runner declared dead (its jobs rescued) that comes back takes
+        # nothing new: no one would ever rescue jobs of a 'dead' runner.
+        alive = sa.exists().where(runners.c.id == runner_id, runners.c.state != "dead")
+        claimed = set(conn.execute(
+            sa.update(jobs)
+            .where(jobs.c.id.in_(chosen), jobs.c.status == Status.PENDING.value, alive)
+            .values(status=Status.QUEUED.value, runner_id=runner_id, node=node,
+                    queued_at=now, updated_at=now)
+            .returning(jobs.c.id)
+        ).scalars())
+        return [job_id for job_id in chosen if job_id in claimed], used
+
+    def _candidates(self, conn: sa.Connection, node: str, count: int
+                    ) -> tuple[list[tuple[int, Any]], dict[str, int]]:
+        """Up to `count` due jobs, best first, locked on PostgreSQL (others
+        skip them), and the node's use, in one round trip. The use is the
+        needs of the node's QUEUED/RUNNING/TO_CANCEL jobs, a draining
+        runner's included; it is empty when nothing is due."""
+        now = self._now()
+        node_needs = (
+            sa.select(self._json_array(_active.c.needs))
+            .where(_active.c.node == node, _active.c.status.in_(_ACTIVE))
+            .scalar_subquery())
         query = (
-            sa.select(jobs.c.id, jobs.c.needs)
+            sa.select(jobs.c.id, jobs.c.needs, node_needs)
             .where(jobs.c.status == Status.PENDING.value, jobs.c.run_at <= now,
                    sa.or_(jobs.c.max_start_at.is_(None), jobs.c.max_start_at > now))
             .order_by(*_ORDER)
-            .limit(slots + 16)
+            .limit(count)
         )
         if self.is_postgres:
             query = query.with_for_update(skip_locked=True, of=jobs)
-        chosen = []
-        for job_id, raw_needs in conn.execute(query):
-            needs = needs_of(raw_needs)
-            if fits(needs, free):
-                chosen.append(job_id)
-                for name, count in needs.items():
-                    free[name] -= count
-                if len(chosen) >= slots:
-                    break
-        return chosen
+        rows = conn.execute(query).all()
+        used = usage(rows[0][2] or ()) if rows else {}
+        return [(job_id, needs) for job_id, needs, _ in rows], used
+
+    def _json_array(self, column: sa.ColumnElement) -> sa.ColumnElement:
+        if self.is_postgres:
+            return sa.func.json_agg(column, type_=sa.JSON)
+        return sa.func.json_group_array(sa.func.json(column), type_=sa.JSON)
 
     def jobs_start(self, runner_id: int, ids: Sequence[int]) -> list[Job]:
         """QUEUED -> RUNNING (attempt + 1) for this runner's jobs.
@@ -395,7 +414,7 @@ class Store:
 
     def runner_round(self, runner_id: int, node: str, capacity: Mapping[str, int],
                      results: Sequence[tuple[Job, Outcome, float | None]],
-                     claim: bool) -> list[Job]:
+                     claim: bool, limit: int | None = None) -> list[Job]:
         """One runner round in one transaction: record `results` (as
         jobs_finish), then, if `claim`, claim what fits and start it
         (PENDING -> QUEUED -> RUNNING). Returns the jobs started.
@@ -408,8 +427,8 @@ class Store:
                 self._finish_in(conn, runner_id, results)
             if not claim:
                 return []
-            claimed = self._claim_in(conn, runner_id, node, capacity, None).jobs
-            return self._start_in(conn, runner_id, [j.id for j in claimed]) if claimed else []
+            claimed, _ = self._claim_in(conn, runner_id, node, capacity, limit)
+            return self._start_in(conn, runner_id, claimed) if claimed else []
 
     def _final(self, conn: sa.Connection, runner_id: int, ids: list[int],
                outcome: Outcome) -> list[int]:
