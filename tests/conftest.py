@@ -112,3 +112,19 @@ def cli(environ: dict[str, str], *args: str, input: str | None = None,
     """Run `runjobs ARGS` as a real process."""
     return subprocess.run(runjobs_cmd(*args), env=environ, input=input, capture_output=True,
                           text=True, timeout=timeout, cwd=cwd)
+
+
+def submit_job(environ: dict[str, str], *args: str) -> int:
+    """`runjobs submit ARGS` as a process; its id."""
+    result = cli(environ, "submit", *args)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout)
+
+
+def show_job(environ: dict[str, str], job_id: int) -> dict:
+    """`runjobs show ID --json` as a process."""
+    import json
+
+    result = cli(environ, "show", str(job_id), "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)

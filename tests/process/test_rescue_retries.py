@@ -9,7 +9,6 @@ never depends on where in the minute it started.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from conftest import cli, runjobs_cmd, wait_for, write_config
+from conftest import show_job as show, submit_job as submit, runjobs_cmd, wait_for, write_config
 from runjobs.api import Client
 from runjobs.config import load_settings
 from runjobs.models import FINAL, Status
@@ -89,18 +88,6 @@ def node_env(environ: dict[str, str], tmp_path: Path, node: str) -> dict[str, st
 def configure(environ: dict[str, str], text: str) -> dict[str, str]:
     write_config(Path(environ["RUNJOBS_HOME"]), BASE_CONFIG + text)
     return environ
-
-
-def submit(env, *args) -> int:
-    result = cli(env, "submit", *args)
-    assert result.returncode == 0, result.stderr
-    return int(result.stdout)
-
-
-def show(env, job_id) -> dict:
-    result = cli(env, "show", str(job_id), "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def at(text: str) -> dt.datetime:

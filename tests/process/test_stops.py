@@ -3,7 +3,6 @@ cycles, with real runner processes on both databases."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -15,7 +14,10 @@ import pytest
 
 from runjobs.api import Client
 
-from conftest import RUNJOBS_SH, cli, runjobs_cmd, wait_for, write_config
+from conftest import (
+    show_job as show, submit_job as submit, RUNJOBS_SH, cli, runjobs_cmd, wait_for,
+    write_config,
+)
 
 CONFIG = """
 grace_period = "1s"
@@ -42,20 +44,8 @@ def env(environ):
     return environ
 
 
-def submit(env, *args) -> int:
-    result = cli(env, "submit", *args)
-    assert result.returncode == 0, result.stderr
-    return int(result.stdout)
-
-
 def status(env, job_id) -> str:
     return show(env, job_id)["status"]
-
-
-def show(env, job_id) -> dict:
-    result = cli(env, "show", str(job_id), "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def start_runner(env, *args) -> subprocess.Popen:
