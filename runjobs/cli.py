@@ -354,12 +354,15 @@ def run(obj: Context, once, period, margin):
     """One cycle: what bin/runjobs.sh (and so cron) runs."""
     from .cycle import run_cycle
 
-    overrides = {k: v for k, v in (("period", period), ("margin", margin)) if v is not None}
-    settings = obj.settings
-    if overrides:
-        from .config import load_settings
+    from .config import load_settings
 
-        settings = load_settings(**overrides)
+    overrides = {k: v for k, v in (("period", period), ("margin", margin)) if v is not None}
+    try:
+        settings = load_settings(**overrides) if overrides else obj.settings
+    except ConfigError as exc:
+        if not overrides:
+            raise
+        raise click.UsageError(str(exc)) from None  # --period/--margin that do not fit
     sys.exit(run_cycle(settings, once=once))
 
 

@@ -89,3 +89,9 @@ def test_show_missing_job_exits_1(environ, store):
 def test_show_missing_job_as_json_exits_1(environ, store):
     check_rejected(cli(environ, "show", "999", "--json"), 1, "999")
     assert store.jobs_list() == []
+
+
+def test_run_with_a_margin_not_shorter_than_its_period_is_bad_input(environ):
+    result = cli(environ, "run", "--once", "--period", "10s", "--margin", "10s")
+    assert result.returncode == 2
+    assert "margin" in result.stderr and len(result.stderr.strip().splitlines()) == 1
