@@ -205,9 +205,21 @@ def _default_client() -> Client:
     return _default
 
 
-def submit(action: str, params: Mapping[str, Any] | None = None, **options: Any) -> int:
-    """Submit one job with the configured settings; returns its id."""
-    return _default_client().submit(action, params, **options)
+def submit(action: str, params: Mapping[str, Any] | None = None, *,
+           priority: int | None = None, run_at: dt.datetime | None = None,
+           max_start_at: dt.datetime | None = None, timeout: float | None = None,
+           retries: int | None = None, needs: Mapping[str, int] | None = None,
+           key: str | None = None, hold: bool = False) -> int:
+    """Submit one job with the configured settings; returns its id.
+
+    None for priority, retries or needs means the action's registered
+    default (else 0, 0, {default = 1}); None for timeout means the action's,
+    else the `default_timeout` setting, decided when the job runs. Raises
+    UsageError for an unknown action or a bad value, writing nothing.
+    """
+    return _default_client().submit(
+        action, params, priority=priority, run_at=run_at, max_start_at=max_start_at,
+        timeout=timeout, retries=retries, needs=needs, key=key, hold=hold)
 
 
 def submit_many(jobs: Iterable[Mapping[str, Any]]) -> list[int]:
