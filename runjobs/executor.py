@@ -134,18 +134,19 @@ def _wait_or_stop(process: subprocess.Popen, ctx: JobContext, grace: float) -> i
 
 def stop_process_group(process: subprocess.Popen, grace: float) -> int:
     """SIGTERM to the whole group, SIGKILL after `grace` seconds."""
-    _signal_group(process.pid, signal.SIGTERM)
+    signal_group(process.pid, signal.SIGTERM)
     try:
         code = process.wait(timeout=grace)
     except subprocess.TimeoutExpired:
-        _signal_group(process.pid, signal.SIGKILL)
+        signal_group(process.pid, signal.SIGKILL)
         code = process.wait()
     # Children that outlived their leader still hold the group: end them too.
-    _signal_group(process.pid, signal.SIGKILL)
+    signal_group(process.pid, signal.SIGKILL)
     return code
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def signal_group(pgid: int, sig: int) -> None:
+    """Signal a whole process group; one that is already gone is fine."""
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):

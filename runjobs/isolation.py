@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .actions import BUILTINS, Action, JobCanceled, JobContext, JobLog
-from .executor import execute, stopped_outcome
+from .executor import execute, signal_group, stopped_outcome
 from .models import Outcome, Status
 
 ProgressCallback = Callable[[int, Any, Any, Any], None]
@@ -112,7 +112,7 @@ def _stop_and_reap(process: subprocess.Popen, grace: float) -> None:
 
 
 def _signal_later(pid: int, grace: float) -> None:
-    _kill_group(pid, signal.SIGTERM)
+    signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         try:
@@ -120,14 +120,7 @@ def _signal_later(pid: int, grace: float) -> None:
         except ProcessLookupError:
             break
         time.sleep(0.05)
-    _kill_group(pid, signal.SIGKILL)
-
-
-def _kill_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+    signal_group(pid, signal.SIGKILL)
 
 
 def _handle(message: dict, ctx: JobContext, report_progress: ProgressCallback | None):

@@ -71,13 +71,8 @@ class RunningJob:
 @dataclasses.dataclass(frozen=True)
 class TickResult:
     finished: int = 0
-    claimed: int = 0
-    started: int = 0
+    started: int = 0                   # claimed and started: one transaction does both
     full: bool = False                 # claimed every slot it had: more may be due
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.finished or self.claimed)
 
 
 class Runner:
@@ -142,7 +137,7 @@ class Runner:
             self._launch(job, self.registry.get(job.action))
         if self._reconcile_after_outage:
             self._reconcile()
-        return TickResult(len(finished), len(started), len(started),
+        return TickResult(len(finished), len(started),
                           full=bool(started) and len(started) >= slots)
 
     def _database_failed(self, exc: StoreError) -> None:
@@ -407,7 +402,7 @@ class Runner:
                 result = TickResult()
             if not self.claiming and not self.running:
                 return
-            if once and self.claiming and not result.claimed and not self.running:
+            if once and self.claiming and not result.started and not self.running:
                 if self._nothing_active():
                     self.stop_claiming()
                     continue
