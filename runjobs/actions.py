@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 
 from .config import Settings, parse_duration, validate_capacity
 from .errors import ConfigError, DoNotRetry, UsageError
+from .files import Access
 
 ENTRY_POINT_GROUP = "runjobs.actions"
 ISOLATIONS = ("thread", "process")
@@ -64,17 +65,13 @@ class Action:
 class JobLog:
     """The job's own log file, opened only when something is written to it."""
 
-    def __init__(self, path: Path, mode: int) -> None:
+    def __init__(self, path: Path, access: Access) -> None:
         self.path = path
-        self.mode = mode
+        self.access = access
 
     def open_fd(self) -> int:
-        """An append-mode descriptor, creating the file with the job-log mode."""
-        # The folder gets the file's mode plus search bits (0600 -> 0700,
-        # 0660 -> 0770): job logs are not for other users.
-        dir_mode = self.mode | (self.mode & 0o444) >> 2
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=dir_mode)
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, self.mode)
+        """An append-mode descriptor; a new log gets the owner(-group) mode."""
+        return self.access.open_file(self.path, os.O_WRONLY | os.O_APPEND)
 
     def logger(self, job_id: int) -> logging.Logger:
         # A Logger made directly is not registered in logging's global

@@ -13,9 +13,12 @@ import re
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .files import Access
 
 SYSTEM_CONFIG = Path("/etc/runjobs/runjobs.toml")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
@@ -58,6 +61,7 @@ class Settings:
     timezone: str | None = None
     warning_exit_codes: tuple[int, ...] = ()
     group: str | None = None
+    gid: int | None = None                 # the group's id, looked up once
     actions: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
@@ -76,6 +80,13 @@ class Settings:
     @property
     def dir_mode(self) -> int:
         return 0o770 if self.group else 0o700
+
+    @property
+    def access(self) -> "Access":
+        """How files holding jobs and logs are created (modes and group)."""
+        from .files import Access
+
+        return Access(self.file_mode, self.dir_mode, self.gid)
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -236,11 +247,23 @@ def _validate(raw: dict[str, Any], home: Path, config_file: Path | None) -> Sett
         timezone=raw.get("timezone") or None,
         warning_exit_codes=codes,
         group=raw.get("group") or None,
+        gid=_group_id(raw.get("group")),
         actions=_validate_actions(raw.get("actions", {})),
         **values,
     )
     _check_timing(settings)
     return settings
+
+
+def _group_id(name: Any) -> int | None:
+    if not name:
+        return None
+    import grp
+
+    try:
+        return grp.getgrnam(str(name)).gr_gid
+    except KeyError:
+        raise ConfigError(f"group: no such group on this host: {name!r}") from None
 
 
 def _positive_int(value: Any, key: str) -> int:

@@ -19,10 +19,8 @@ log = logging.getLogger("runjobs.runner")
 
 def setup_logging(settings: Settings) -> None:
     """runjobs.log in the log folder; also stderr when a person is watching."""
-    settings.log_dir.mkdir(parents=True, exist_ok=True, mode=settings.dir_mode)
     path = settings.log_dir / "runjobs.log"
-    if not path.exists():
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, settings.file_mode))
+    settings.access.touch(path)
     formatter = logging.Formatter("%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
     handlers: list[logging.Handler] = [logging.handlers.WatchedFileHandler(path)]
     if sys.stderr.isatty() or os.environ.get("RUNJOBS_LOG_STDERR"):
@@ -36,7 +34,7 @@ def setup_logging(settings: Settings) -> None:
 
 def run_cycle(settings: Settings, once: bool = False) -> int:
     """Run one cycle; returns the process exit code."""
-    lock = CycleLock(settings.lock_file, settings.file_mode)
+    lock = CycleLock(settings.lock_file, settings.access)
     if not lock.acquire():
         print(f"runjobs: {settings.lock_file} is held by {lock.holder()}; nothing to do",
               file=sys.stderr)

@@ -11,6 +11,7 @@ stderr go to the job's log.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import select
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .actions import BUILTINS, Action, JobCanceled, JobContext, JobLog
+from .files import Access
 from .executor import execute, signal_group, stopped_outcome
 from .models import Outcome, Status
 
@@ -45,7 +47,7 @@ def run_in_process(action: Action, ctx: JobContext, job_log: JobLog, grace: floa
         os.close(log_fd)
     request = {"name": action.name, "target": action.target, "id": ctx.id,
                "params": ctx.params, "attempt": ctx.attempt, "log": str(job_log.path),
-               "mode": job_log.mode}
+               "access": dataclasses.astuple(job_log.access)}
     try:
         process.stdin.write(json.dumps(request).encode())
         process.stdin.close()
@@ -139,7 +141,7 @@ def _child(result_fd: int) -> int:
     def send(message: dict) -> None:
         results.write(json.dumps(message) + "\n")
 
-    job_log = JobLog(Path(request["log"]), request["mode"])
+    job_log = JobLog(Path(request["log"]), Access(*request["access"]))
     ctx = JobContext(request["id"], request["params"], request["attempt"], job_log,
                      lambda _id, done, total, message: send({"progress": [done, total, message]}))
 

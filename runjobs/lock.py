@@ -13,18 +13,21 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from .files import Access
+
 
 class CycleLock:
-    def __init__(self, path: Path, mode: int = 0o600) -> None:
+    def __init__(self, path: Path, access: Access | None = None) -> None:
         self.path = path
         self.owner_path = path.with_name(path.name + ".owner")
-        self.mode = mode
+        self.access = access or Access()
         self._lock: FileLock | None = None
 
     def acquire(self) -> bool:
         """Take the lock without waiting; False when another process holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock = FileLock(str(self.path), timeout=0, mode=self.mode)
+        if not self.path.exists():
+            self.access.touch(self.path)
+        lock = FileLock(str(self.path), timeout=0, mode=self.access.file_mode)
         try:
             lock.acquire()
         except Timeout:
@@ -32,7 +35,7 @@ class CycleLock:
         self._lock = lock
         owner = {"pid": os.getpid(),
                  "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        fd = os.open(self.owner_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.mode)
+        fd = self.access.open_file(self.owner_path, os.O_WRONLY | os.O_TRUNC)
         with os.fdopen(fd, "w") as handle:
             json.dump(owner, handle)
         return True

@@ -187,7 +187,7 @@ class Runner:
     def _launch(self, job: Job, action: Action | None) -> None:
         """Start the job's thread. An unregistered action (None) starts too,
         to fail at once without importing anything: a row names no code."""
-        job_log = JobLog(self.settings.job_log_dir / f"{job.id}.log", self.settings.file_mode)
+        job_log = JobLog(self.settings.job_log_dir / f"{job.id}.log", self.settings.access)
         context = JobContext(job.id, job.params, job.attempt, job_log,
                              self._report_progress)
         self.running[job.id] = RunningJob(job, action, context, time.monotonic())

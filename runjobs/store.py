@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
-import os
 from pathlib import Path
 import select
 import threading
@@ -793,10 +792,8 @@ def _sqlite_engine(settings: Settings) -> sa.engine.Engine:
 
 def _prepare_sqlite_file(path: Path, settings: Settings) -> None:
     """Create the folder and the database file with owner(-group) modes."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=settings.dir_mode)
     if not path.exists():
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, settings.file_mode))
-        os.chmod(path, settings.file_mode)
+        settings.access.touch(path)
 
 
 def make_engine(settings: Settings) -> sa.engine.Engine:

@@ -56,8 +56,11 @@ def test_defaults(home):
 
 
 def test_group_setting_opens_modes_to_the_group(home):
-    s = load_settings(env(home, group="runjobs"))
-    assert (s.file_mode, s.dir_mode) == (0o660, 0o770)
+    import grp
+
+    group = grp.getgrgid(os.getgid()).gr_name  # a group that exists here
+    s = load_settings(env(home, group=group))
+    assert (s.file_mode, s.dir_mode, s.gid) == (0o660, 0o770, os.getgid())
 
 
 def test_home_default_without_runjobs_home():

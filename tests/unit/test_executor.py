@@ -14,6 +14,7 @@ from runjobs import config
 from runjobs.actions import BUILTINS, Action, JobContext, JobLog, Registry
 from runjobs.config import load_settings
 from runjobs.errors import ConfigError, DoNotRetry, UsageError
+from runjobs.files import Access
 from runjobs.executor import classify_return, command_argv, execute
 from runjobs.models import Status
 
@@ -28,7 +29,7 @@ EXIT_WITH = textwrap.dedent("""
 
 def run_job(tmp_path: Path, action: Action, params: dict | None = None, job_id: int = 7):
     """Execute `action` as job `job_id`; returns (Outcome, the job log's text)."""
-    job_log = JobLog(tmp_path / "logs" / "jobs" / f"{job_id}.log", 0o600)
+    job_log = JobLog(tmp_path / "logs" / "jobs" / f"{job_id}.log", Access())
     ctx = JobContext(job_id, params or {}, 1, job_log)
     outcome = execute(action, ctx, job_log, grace=2.0)
     for handler in ctx.log.handlers:
