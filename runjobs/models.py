@@ -74,25 +74,27 @@ class Job:
     priority: int
     attempt: int
     retries: int
-    run_at: dt.datetime | None
-    max_start_at: dt.datetime | None
     timeout: float | None
     needs: dict[str, int]
-    key: str | None
-    rerun_of: int | None
-    runner_id: int | None
-    node: str | None
-    progress_done: float | None
-    progress_total: float | None
-    progress_message: str | None
-    output: str | None
-    error: str | None
-    peak_rss_kb: int | None
-    created_at: dt.datetime | None
-    queued_at: dt.datetime | None
-    started_at: dt.datetime | None
-    finished_at: dt.datetime | None
-    updated_at: dt.datetime | None
+    # The rest is None where the store did not read it (a job a runner just
+    # started carries only what running it needs).
+    run_at: dt.datetime | None = None
+    max_start_at: dt.datetime | None = None
+    key: str | None = None
+    rerun_of: int | None = None
+    runner_id: int | None = None
+    node: str | None = None
+    progress_done: float | None = None
+    progress_total: float | None = None
+    progress_message: str | None = None
+    output: str | None = None
+    error: str | None = None
+    peak_rss_kb: int | None = None
+    created_at: dt.datetime | None = None
+    queued_at: dt.datetime | None = None
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    updated_at: dt.datetime | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,10 +10,28 @@ import datetime as dt
 import sqlalchemy as sa
 
 # The Alembic revision this code expects; a test checks it is migrations' head.
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 
+# The statuses the partial indexes cover, in the order their predicates name
+# them. SQLite uses a partial index only for a query that names the same
+# values in the same order, so the store builds its conditions from these.
 ACTIVE_STATUSES = ("QUEUED", "RUNNING", "TO_CANCEL")
 NOT_FINAL_STATUSES = ("HELD", "PENDING", "QUEUED", "RUNNING", "TO_CANCEL")
+FINAL_STATUSES = ("CANCELED", "SUCCESS", "WARNING", "FAILURE", "EXPIRED", "ABANDONED")
+
+
+def status_sql(statuses: tuple[str, ...]) -> str:
+    """`status = 'A'` or `status IN ('A', 'B')`, values written out."""
+    if len(statuses) == 1:
+        return f"status = '{statuses[0]}'"
+    return "status IN (" + ", ".join(f"'{s}'" for s in statuses) + ")"
+
+
+_PENDING = sa.text(status_sql(("PENDING",)))
+_ACTIVE = sa.text(status_sql(ACTIVE_STATUSES))
+_KEY_OPEN = sa.text("key IS NOT NULL AND " + status_sql(NOT_FINAL_STATUSES))
+_FINAL = sa.text(status_sql(FINAL_STATUSES))
+_EXPIRY = sa.text(status_sql(("PENDING",)) + " AND max_start_at IS NOT NULL")
 
 
 class UtcDateTime(sa.TypeDecorator):
@@ -115,29 +133,22 @@ jobs = sa.Table(
     sa.Column("updated_at", UtcDateTime, nullable=False),
     # The claim's scan: only PENDING rows are indexed, so a million finished
     # jobs cost the claim nothing.
-    sa.Index(
-        "ix_jobs_pending", sa.desc("priority"), "run_at", "id",
-        postgresql_where=sa.text("status = 'PENDING'"),
-        sqlite_where=sa.text("status = 'PENDING'"),
-    ),
+    sa.Index("ix_jobs_pending", sa.desc("priority"), "run_at", "id",
+             postgresql_where=_PENDING, sqlite_where=_PENDING),
     # A node's used capacity and a runner's own jobs: only active rows.
-    sa.Index(
-        "ix_jobs_active", "node", "runner_id",
-        postgresql_where=sa.text("status IN ('QUEUED', 'RUNNING', 'TO_CANCEL')"),
-        sqlite_where=sa.text("status IN ('QUEUED', 'RUNNING', 'TO_CANCEL')"),
-    ),
+    sa.Index("ix_jobs_active", "node", "runner_id",
+             postgresql_where=_ACTIVE, sqlite_where=_ACTIVE),
     # Idempotent submit: one not-final job per key, enforced by the database.
-    sa.Index(
-        "ux_jobs_key_open", "key", unique=True,
-        postgresql_where=sa.text(
-            "key IS NOT NULL AND status IN ('HELD', 'PENDING', 'QUEUED', 'RUNNING', 'TO_CANCEL')"),
-        sqlite_where=sa.text(
-            "key IS NOT NULL AND status IN ('HELD', 'PENDING', 'QUEUED', 'RUNNING', 'TO_CANCEL')"),
-    ),
+    sa.Index("ux_jobs_key_open", "key", unique=True,
+             postgresql_where=_KEY_OPEN, sqlite_where=_KEY_OPEN),
     # One job per (cron, scheduled time), whichever runner enqueues it.
     sa.UniqueConstraint("cron_id", "cron_fire_at", name="ux_jobs_cron_fire"),
-    sa.Index("ix_jobs_status_finished", "status", "finished_at"),
-    sa.Index("ix_jobs_action", "action"),
+    # No index starts with status: SQLite's planner, which keeps no
+    # statistics, would serve the claim with it and scan every PENDING row.
+    # Purge by age reads final jobs only; the expiry sweep the few with a
+    # max start time.
+    sa.Index("ix_jobs_finished", "finished_at", postgresql_where=_FINAL, sqlite_where=_FINAL),
+    sa.Index("ix_jobs_expiry", "max_start_at", postgresql_where=_EXPIRY, sqlite_where=_EXPIRY),
 )
 
 job_events = sa.Table(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import logging
 from pathlib import Path
 import select
@@ -27,17 +28,36 @@ from sqlalchemy import exc as sa_exc
 
 from .config import Settings, mask_url
 from .errors import Conflict, NotFound, SchemaError, StoreError
-from .models import ACTIVE, FINAL, Event, Job, JobSpec, Outcome, Status
-from .schema import HEAD_REVISION, UtcDateTime, job_events, jobs, runners
+from .models import Event, Job, JobSpec, Outcome, Status
+from .schema import (ACTIVE_STATUSES, HEAD_REVISION, NOT_FINAL_STATUSES, UtcDateTime,
+                     job_events, jobs, runners)
 
 log = logging.getLogger("runjobs.store")
 
 DEFAULT_NEEDS = {"default": 1}
 NOTIFY_CHANNEL = "runjobs"
-_ACTIVE = [s.value for s in ACTIVE]
-_FINAL = [s.value for s in FINAL]
+_PENDING = (Status.PENDING.value,)
+_RUNNING = (Status.RUNNING.value, Status.TO_CANCEL.value)
+_TO_CANCEL = (Status.TO_CANCEL.value,)
 _ORDER = (jobs.c.priority.desc(), jobs.c.run_at, jobs.c.id)
 _active = jobs.alias("active")  # the node's QUEUED/RUNNING jobs, beside the candidates
+# The columns a runner needs of a job it starts.
+_STARTED = (jobs.c.id, jobs.c.action, jobs.c.params, jobs.c.priority, jobs.c.attempt,
+            jobs.c.retries, jobs.c.timeout, jobs.c.needs)
+
+
+def _status_is(column: sa.ColumnElement, statuses: tuple[str, ...]) -> sa.ColumnElement:
+    """`status = 'X'` or `status IN (...)` with the values written into the
+    SQL, not bound, in the given order: SQLite uses a partial index only for
+    a query that names the index's own values (see schema.ACTIVE_STATUSES)."""
+    values = [sa.literal_column(f"'{status}'") for status in statuses]
+    return column == values[0] if len(values) == 1 else column.in_(values)
+
+
+def _held_by(runner_id: int) -> sa.ColumnElement:
+    """A runner's QUEUED/RUNNING/TO_CANCEL jobs, in a form ix_jobs_active
+    serves on SQLite too."""
+    return sa.and_(jobs.c.runner_id == runner_id, _status_is(jobs.c.status, ACTIVE_STATUSES))
 
 
 def utcnow() -> dt.datetime:
@@ -137,6 +157,21 @@ class Store:
             return sa.func.statement_timestamp(type_=UtcDateTime) + sa.literal(delta, sa.Interval)
         return sa.literal(utcnow() + delta, UtcDateTime)
 
+    @functools.cached_property
+    def _clock(self) -> sa.ColumnElement:
+        """'Now' in a statement built once: the database's clock on
+        PostgreSQL, on SQLite the `now` parameter `_run` passes."""
+        if self.is_postgres:
+            return sa.func.statement_timestamp(type_=UtcDateTime)
+        return sa.bindparam("now", type_=UtcDateTime)
+
+    def _run(self, conn: sa.Connection, statement: sa.Executable, **params: Any
+             ) -> sa.CursorResult:
+        """Execute a statement built once (see `_clock`)."""
+        if not self.is_postgres:
+            params["now"] = utcnow()
+        return conn.execute(statement, params)
+
     def db_now(self, conn: sa.Connection | None = None) -> dt.datetime:
         if not self.is_postgres:
             return utcnow()
@@ -225,7 +260,8 @@ class Store:
         if not keys:
             return {}
         query = sa.select(jobs.c.key, jobs.c.id, jobs.c.params).where(
-            jobs.c.key.in_(keys), jobs.c.status.not_in(_FINAL))
+            jobs.c.key.in_(keys), jobs.c.key.is_not(None),
+            _status_is(jobs.c.status, NOT_FINAL_STATUSES))
         return {key: (job_id, params) for key, job_id, params in conn.execute(query)}
 
     @staticmethod
@@ -274,6 +310,17 @@ class Store:
                   capacity: Mapping[str, int], limit: int | None
                   ) -> tuple[list[int], dict[str, int]]:
         """Claim in `conn`: the ids claimed, best first, and the node's use."""
+        chosen, used = self._choose(conn, node, capacity, limit)
+        if not chosen:
+            return [], used
+        claimed = set(self._run(conn, self._claim_sql, ids=chosen, runner=runner_id,
+                                node_name=node).scalars())
+        return [job_id for job_id in chosen if job_id in claimed], used
+
+    def _choose(self, conn: sa.Connection, node: str, capacity: Mapping[str, int],
+                limit: int | None) -> tuple[list[int], dict[str, int]]:
+        """The ids of due jobs that fit the node's free capacity, best first
+        (locked on PostgreSQL), and the node's use."""
         most = sum(max(0, n) for n in capacity.values())
         if limit is not None:
             most = min(most, limit)
@@ -281,47 +328,63 @@ class Store:
             return [], {}
         # Look past a few jobs that need more than is free, so one big job
         # at the head of the queue does not stop small ones from starting.
-        candidates, used = self._candidates(conn, node, most + 16)
+        rows = self._run(conn, self._candidates_sql, node_name=node, count=most + 16).all()
+        used = usage(rows[0][2] or ()) if rows else {}
         free = {name: count - used.get(name, 0) for name, count in capacity.items()}
-        chosen = _fitting(candidates, free, most)
-        if not chosen:
-            return [], used
-        now = self._now()
-        # A runner declared dead (its jobs rescued) that comes back takes
-        # nothing new: no one would ever rescue jobs of a 'dead' runner.
-        alive = sa.exists().where(runners.c.id == runner_id, runners.c.state != "dead")
-        claimed = set(conn.execute(
-            sa.update(jobs)
-            .where(jobs.c.id.in_(chosen), jobs.c.status == Status.PENDING.value, alive)
-            .values(status=Status.QUEUED.value, runner_id=runner_id, node=node,
-                    queued_at=now, updated_at=now)
-            .returning(jobs.c.id)
-        ).scalars())
-        return [job_id for job_id in chosen if job_id in claimed], used
+        return _fitting(((job_id, needs) for job_id, needs, _ in rows), free, most), used
 
-    def _candidates(self, conn: sa.Connection, node: str, count: int
-                    ) -> tuple[list[tuple[int, Any]], dict[str, int]]:
-        """Up to `count` due jobs, best first, locked on PostgreSQL (others
-        skip them), and the node's use, in one round trip. The use is the
-        needs of the node's QUEUED/RUNNING/TO_CANCEL jobs, a draining
-        runner's included; it is empty when nothing is due."""
-        now = self._now()
+    @functools.cached_property
+    def _candidates_sql(self) -> sa.Select:
+        """Due jobs, best first, locked on PostgreSQL (others skip them), and
+        the node's use, in one round trip. The use is the needs of the node's
+        QUEUED/RUNNING/TO_CANCEL jobs, a draining runner's included; it is
+        empty when nothing is due."""
+        now = self._clock
         node_needs = (
             sa.select(self._json_array(_active.c.needs))
-            .where(_active.c.node == node, _active.c.status.in_(_ACTIVE))
+            .where(_active.c.node == sa.bindparam("node_name"), _status_is(_active.c.status, ACTIVE_STATUSES))
             .scalar_subquery())
         query = (
             sa.select(jobs.c.id, jobs.c.needs, node_needs)
-            .where(jobs.c.status == Status.PENDING.value, jobs.c.run_at <= now,
+            .where(_status_is(jobs.c.status, _PENDING), jobs.c.run_at <= now,
                    sa.or_(jobs.c.max_start_at.is_(None), jobs.c.max_start_at > now))
             .order_by(*_ORDER)
-            .limit(count)
+            .limit(sa.bindparam("count"))
         )
         if self.is_postgres:
             query = query.with_for_update(skip_locked=True, of=jobs)
-        rows = conn.execute(query).all()
-        used = usage(rows[0][2] or ()) if rows else {}
-        return [(job_id, needs) for job_id, needs, _ in rows], used
+        return query
+
+    def _claim_update(self, **values: Any) -> sa.Update:
+        """PENDING -> `values` for the chosen ids. A runner declared dead (its
+        jobs rescued) that comes back takes nothing new: no one would ever
+        rescue jobs of a 'dead' runner."""
+        alive = sa.exists().where(runners.c.id == sa.bindparam("runner"),
+                                  runners.c.state != "dead")
+        now = self._clock
+        # The rows are found by id. The compare-and-set on PENDING is wrapped
+        # so that no planner takes it as a reason to walk ix_jobs_pending:
+        # PostgreSQL, its statistics stale after a bulk submit, scanned the
+        # whole pending index to find 8 ids.
+        still_pending = sa.func.coalesce(jobs.c.status, "") == Status.PENDING.value
+        return (
+            sa.update(jobs)
+            .where(jobs.c.id.in_(sa.bindparam("ids", expanding=True)), still_pending, alive)
+            .values(runner_id=sa.bindparam("runner"), node=sa.bindparam("node_name"),
+                    queued_at=now, updated_at=now, **values))
+
+    @functools.cached_property
+    def _claim_sql(self) -> sa.Update:
+        return self._claim_update(status=Status.QUEUED.value).returning(jobs.c.id)
+
+    @functools.cached_property
+    def _claim_start_sql(self) -> sa.Update:
+        """Claim and start in one statement: PENDING -> RUNNING. The event
+        trigger still records the claim (QUEUED) before the start."""
+        now = self._clock
+        return self._claim_update(
+            status=Status.RUNNING.value, attempt=jobs.c.attempt + 1, started_at=now, error=None,
+        ).returning(*_STARTED)
 
     def _json_array(self, column: sa.ColumnElement) -> sa.ColumnElement:
         if self.is_postgres:
@@ -369,7 +432,7 @@ class Store:
         One canceled meanwhile ends CANCELED. Returns how many went back.
         """
         with self._tx() as conn:
-            where = [jobs.c.runner_id == runner_id, jobs.c.status == Status.QUEUED.value]
+            where = [_held_by(runner_id), jobs.c.status == Status.QUEUED.value]
             if ids is not None:
                 where.append(jobs.c.id.in_(ids))
             result = conn.execute(
@@ -378,7 +441,7 @@ class Store:
                         queued_at=None, updated_at=self._now())
             )
             unstarted = sa.select(jobs.c.id).where(
-                jobs.c.runner_id == runner_id, jobs.c.status == Status.TO_CANCEL.value,
+                _held_by(runner_id), jobs.c.status == Status.TO_CANCEL.value,
                 jobs.c.started_at.is_(None))
             self._cancel_unstarted(conn, runner_id, list(conn.execute(unstarted).scalars()))
             return result.rowcount
@@ -418,37 +481,51 @@ class Store:
         jobs_finish), then, if `claim`, claim what fits and start it
         (PENDING -> QUEUED -> RUNNING). Returns the jobs started.
 
-        One commit per round instead of three is what lets a runner keep up
-        with short jobs.
+        One commit per round instead of three, and one statement that claims
+        and starts, is what lets a runner keep up with short jobs.
         """
         with self._tx() as conn:
             if results:
                 self._finish_in(conn, runner_id, results)
             if not claim:
                 return []
-            claimed, _ = self._claim_in(conn, runner_id, node, capacity, limit)
-            return self._start_in(conn, runner_id, claimed) if claimed else []
+            chosen, _ = self._choose(conn, node, capacity, limit)
+            if not chosen:
+                return []
+            rows = self._run(conn, self._claim_start_sql, ids=chosen, runner=runner_id,
+                             node_name=node).all()
+        by_id = {row.id: _started_job(row, runner_id, node) for row in rows}
+        return [by_id[job_id] for job_id in chosen if job_id in by_id]
 
     def _final(self, conn: sa.Connection, runner_id: int, ids: list[int],
                outcome: Outcome) -> list[int]:
-        now = self._now()
-        canceling = jobs.c.status == Status.TO_CANCEL.value
-        status: Any = outcome.status.value
-        if outcome.status in (Status.FAILURE, Status.CANCELED) and not outcome.keep_status:
-            status = sa.case((canceling, Status.CANCELED.value), else_=outcome.status.value)
+        # A FAILURE of a job being canceled ends CANCELED, unless the
+        # outcome must be kept as it is.
+        cancel_wins = (outcome.status in (Status.FAILURE, Status.CANCELED)
+                       and not outcome.keep_status)
+        return list(self._run(
+            conn, self._final_sql, ids=ids, runner=runner_id, b_status=outcome.status.value,
+            cancel_wins=cancel_wins, b_output=outcome.output, b_error=outcome.error,
+            b_peak_rss_kb=outcome.peak_rss_kb).scalars())
+
+    @functools.cached_property
+    def _final_sql(self) -> sa.Update:
+        now = self._clock
+        canceling = _status_is(jobs.c.status, _TO_CANCEL)
+        status = sa.case((sa.and_(canceling, sa.bindparam("cancel_wins", type_=sa.Boolean)),
+                          Status.CANCELED.value), else_=sa.bindparam("b_status"))
         # A job that ended in its runner did not take the runner down: its
         # count of crashes in a row starts again.
-        values = dict(status=status, finished_at=now, updated_at=now, crashes=0,
-                      output=outcome.output, error=outcome.error)
-        if outcome.peak_rss_kb is not None:
-            values["peak_rss_kb"] = outcome.peak_rss_kb
-        result = conn.execute(
+        return (
             sa.update(jobs)
-            .where(jobs.c.id.in_(ids), jobs.c.runner_id == runner_id,
-                   jobs.c.status.in_([Status.RUNNING.value, Status.TO_CANCEL.value]))
-            .values(**values).returning(jobs.c.id)
-        )
-        return list(result.scalars())
+            .where(jobs.c.id.in_(sa.bindparam("ids", expanding=True)),
+                   jobs.c.runner_id == sa.bindparam("runner"),
+                   _status_is(jobs.c.status, _RUNNING))
+            .values(status=status, finished_at=now, updated_at=now, crashes=0,
+                    output=sa.bindparam("b_output"), error=sa.bindparam("b_error"),
+                    peak_rss_kb=sa.func.coalesce(sa.bindparam("b_peak_rss_kb", type_=sa.BigInteger),
+                                                 jobs.c.peak_rss_kb))
+            .returning(jobs.c.id))
 
     def _retry(self, conn: sa.Connection, runner_id: int, job: Job, outcome: Outcome,
                retry_in: float) -> list[int]:
@@ -480,7 +557,7 @@ class Store:
             now = self._now()
             return conn.execute(
                 sa.update(jobs)
-                .where(jobs.c.status == Status.PENDING.value, jobs.c.max_start_at < now)
+                .where(_status_is(jobs.c.status, _PENDING), jobs.c.max_start_at < now)
                 .values(status=Status.EXPIRED.value, finished_at=now, updated_at=now,
                         error="not started before its max start time")
             ).rowcount
@@ -489,7 +566,7 @@ class Store:
         """Ids of this runner's jobs a person asked to cancel."""
         with self._tx() as conn:
             return list(conn.execute(
-                sa.select(jobs.c.id).where(jobs.c.runner_id == runner_id,
+                sa.select(jobs.c.id).where(_held_by(runner_id),
                                            jobs.c.status == Status.TO_CANCEL.value)
             ).scalars())
 
@@ -566,7 +643,7 @@ class Store:
         with self._tx() as conn:
             return conn.execute(
                 sa.select(sa.func.count()).select_from(jobs)
-                .where(jobs.c.node == node, jobs.c.status.in_(_ACTIVE))
+                .where(jobs.c.node == node, _status_is(jobs.c.status, ACTIVE_STATUSES))
             ).scalar_one()
 
     # -- runners --------------------------------------------------------------------
@@ -602,7 +679,8 @@ class Store:
                 sa.select(runners).order_by(runners.c.id.desc()).limit(limit)).all()
             active = conn.execute(
                 sa.select(jobs.c.runner_id, jobs.c.id)
-                .where(jobs.c.status.in_(_ACTIVE), jobs.c.runner_id.in_([r.id for r in rows]))
+                .where(_status_is(jobs.c.status, ACTIVE_STATUSES),
+                       jobs.c.runner_id.in_([r.id for r in rows]))
                 .order_by(jobs.c.id)).all()
         running: dict[int, list[int]] = {}
         for runner_id, job_id in active:
@@ -654,7 +732,7 @@ class Store:
                 .values(state="dead", exited_at=now).returning(runners.c.id)).first()
             if claimed is None:
                 return None
-            mine = sa.and_(jobs.c.runner_id == runner_id)
+            mine = _held_by(runner_id)
             requeued = self._rescue_update(conn, mine, Status.QUEUED, dict(
                 status=Status.PENDING.value, runner_id=None, node=None, queued_at=None))
             canceled = self._rescue_update(conn, mine, Status.TO_CANCEL, dict(
@@ -684,7 +762,7 @@ class Store:
         TO_CANCEL ones end CANCELED. Returns how many were put right."""
         with self._tx() as conn:
             now = self._now()
-            mine = sa.and_(jobs.c.runner_id == runner_id, jobs.c.id.not_in(list(running_ids)))
+            mine = sa.and_(_held_by(runner_id), jobs.c.id.not_in(list(running_ids)))
             back = conn.execute(
                 sa.update(jobs)
                 .where(mine, jobs.c.status.in_([Status.QUEUED.value, Status.RUNNING.value]))
@@ -744,6 +822,13 @@ class Listener(threading.Thread):
 
     def stop(self) -> None:
         self._stopped.set()
+
+
+def _started_job(row: sa.Row, runner_id: int, node: str) -> Job:
+    """A job the runner just started, from the columns it needs."""
+    return Job(id=row.id, action=row.action, params=row.params or {}, status=Status.RUNNING,
+               priority=row.priority, attempt=row.attempt, retries=row.retries,
+               timeout=row.timeout, needs=needs_of(row.needs), runner_id=runner_id, node=node)
 
 
 def _job(row: sa.Row) -> Job:

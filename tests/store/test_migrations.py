@@ -163,3 +163,26 @@ def test_store_on_a_database_not_at_head(mig_settings, bare_store):
         conn.execute(sa.text("UPDATE alembic_version SET version_num = :head"),
                      {"head": HEAD_REVISION})
     open_store(mig_settings).dispose()
+
+
+def test_0002_keeps_jobs_and_its_trigger_records_a_claim_that_starts(bare_store):
+    """0002 swaps indexes and the event trigger under existing jobs; down
+    again, a claim that starts at once is recorded as one event."""
+    migrate.upgrade(bare_store, "0001")
+    (old,) = bare_store.jobs_submit([JobSpec("noop")])
+    migrate.upgrade(bare_store)
+    assert schema_diff(bare_store) == []
+    assert bare_store.job_get(old.id).status == Status.PENDING
+
+    runner = bare_store.runner_register("node-a", 1, None, None, "test")
+    (job,) = bare_store.runner_round(runner, "node-a", {"default": 1}, [], claim=True)
+    assert job.id == old.id and job.status == Status.RUNNING and job.attempt == 1
+    timeline = [(e.previous, e.status) for e in bare_store.job_events(job.id)]
+    assert timeline == [(None, Status.PENDING), (Status.PENDING, Status.QUEUED),
+                        (Status.QUEUED, Status.RUNNING)]
+
+    migrate.downgrade(bare_store, "0001")
+    (other,) = bare_store.jobs_submit([JobSpec("noop")])
+    bare_store.runner_round(runner, "node-a", {"default": 2}, [], claim=True)
+    timeline = [(e.previous, e.status) for e in bare_store.job_events(other.id)]
+    assert timeline == [(None, Status.PENDING), (Status.PENDING, Status.RUNNING)]

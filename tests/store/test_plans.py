@@ -1,0 +1,106 @@
+"""The runner's statements are served by the indexes meant for them.
+
+A claim that scans every PENDING row, or a node's use that scans the whole
+table, is correct and passes every other test, yet makes a drain quadratic in
+the queue's length. These tests catch the SQL the store really sends during a
+runner's rounds and ask the database for its plan: EXPLAIN QUERY PLAN on
+SQLite, EXPLAIN on PostgreSQL, each right after a bulk submit, when
+PostgreSQL's statistics are stale as they are in a real drain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import re
+
+import pytest
+import sqlalchemy as sa
+
+from runjobs.models import JobSpec, Outcome, Status
+
+NODE = "node-a"
+CAPACITY = {"default": 8}
+
+
+@contextlib.contextmanager
+def sent(store):
+    """The (statement, parameters) the store sends to the driver meanwhile."""
+    statements: list[tuple[str, object]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        statements.append((statement, parameters))
+
+    sa.event.listen(store.engine, "before_cursor_execute", capture)
+    try:
+        yield statements
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", capture)
+
+
+def plan(store, statement: str, parameters) -> str:
+    prefix = "EXPLAIN " if store.is_postgres else "EXPLAIN QUERY PLAN "
+    raw = store.engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute(prefix + statement, parameters)
+        rows = cursor.fetchall()
+    finally:
+        raw.rollback()
+        raw.close()
+    return "\n".join(str(row[0] if store.is_postgres else row[-1]) for row in rows)
+
+
+def assert_indexed(store, statement: str, parameters) -> str:
+    """No full scan of jobs and no sort: each statement reads only the rows
+    it is about."""
+    text = plan(store, statement, parameters)
+    if store.is_postgres:
+        assert not re.search(r"Seq Scan on jobs|Sort|Bitmap", text), f"{statement}\n{text}"
+    else:
+        for line in text.splitlines():
+            if re.match(r"(SCAN|SEARCH) (jobs|active)\b", line):
+                assert "USING" in line, f"{statement}\n{text}"
+        assert "TEMP B-TREE" not in text, f"{statement}\n{text}"
+    return text
+
+
+@pytest.fixture
+def busy_store(store):
+    """5,000 jobs just submitted in bulk, one runner registered."""
+    store.jobs_submit([JobSpec("noop", priority=n % 3) for n in range(5000)])
+    store.jobs_submit([JobSpec("noop", max_start_at=dt.datetime.now(dt.timezone.utc)
+                               + dt.timedelta(hours=1))])
+    return store
+
+
+def test_a_runner_round_is_served_by_indexes(busy_store):
+    store = busy_store
+    runner = store.runner_register(NODE, 1, None, None, "test")
+    first = store.runner_round(runner, NODE, CAPACITY, [], claim=True)
+    assert len(first) == 8
+    with sent(store) as statements:
+        done = [(job, Outcome(Status.SUCCESS), None) for job in first]
+        assert len(store.runner_round(runner, NODE, CAPACITY, done, claim=True)) == 8
+    plans = [assert_indexed(store, s, p) for s, p in statements
+             if s.lstrip().upper().startswith(("SELECT", "UPDATE"))]
+    assert len(plans) == 3  # finish, candidates with the node's use, claim-and-start
+    finish, candidates, claim = plans
+    assert "ix_jobs_pending" in candidates and "ix_jobs_active" in candidates
+    # The claim finds its 8 rows by id, not by walking the pending index.
+    assert ("jobs_pkey" if store.is_postgres else "PRIMARY KEY") in claim
+    assert "ix_jobs_pending" not in claim
+
+
+def test_the_runners_other_statements_are_served_by_indexes(busy_store):
+    store = busy_store
+    runner = store.runner_register(NODE, 1, None, None, "test")
+    store.runner_round(runner, NODE, CAPACITY, [], claim=True)
+    with sent(store) as statements:
+        store.jobs_canceling(runner)
+        store.jobs_expire()
+        store.jobs_count_active(NODE)
+        store.jobs_submit([JobSpec("noop", key="nightly")])
+    for statement, parameters in statements:
+        if statement.lstrip().upper().startswith(("SELECT", "UPDATE")):
+            assert_indexed(store, statement, parameters)
