@@ -30,8 +30,9 @@ _KEYS = (
     "database_url", "log_dir", "lock_file", "node", "capacity", "period",
     "margin", "poll_interval", "heartbeat_interval", "heartbeat_timeout",
     "default_timeout", "retention", "retry_backoff", "timezone",
-    "warning_exit_codes", "group", "grace_period", "crash_limit",
+    "warning_exit_codes", "group", "grace_period", "crash_limit", "log_level",
 )
+LOG_LEVELS = ("debug", "info", "warning", "error")
 _DURATION_KEYS = (
     "period", "margin", "poll_interval", "heartbeat_interval",
     "heartbeat_timeout", "default_timeout", "retention", "retry_backoff",
@@ -62,6 +63,7 @@ class Settings:
     warning_exit_codes: tuple[int, ...] = ()
     group: str | None = None
     gid: int | None = None                 # the group's id, looked up once
+    log_level: str = "info"                # runjobs.log; "debug" adds a line per job
     actions: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
@@ -236,6 +238,7 @@ def _validate(raw: dict[str, Any], home: Path, config_file: Path | None) -> Sett
         ) from None
     log_dir = Path(raw.get("log_dir") or home / "logs").expanduser()
     values["crash_limit"] = _positive_int(raw.get("crash_limit", 3), "crash_limit")
+    values["log_level"] = _log_level(raw.get("log_level", "info"))
     settings = Settings(
         home=home,
         config_file=config_file,
@@ -264,6 +267,13 @@ def _group_id(name: Any) -> int | None:
         return grp.getgrnam(str(name)).gr_gid
     except KeyError:
         raise ConfigError(f"group: no such group on this host: {name!r}") from None
+
+
+def _log_level(value: Any) -> str:
+    level = str(value).strip().lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return level
 
 
 def _positive_int(value: Any, key: str) -> int:

@@ -26,7 +26,7 @@ def setup_logging(settings: Settings) -> None:
     if sys.stderr.isatty() or os.environ.get("RUNJOBS_LOG_STDERR"):
         handlers.append(logging.StreamHandler(sys.stderr))
     root = logging.getLogger("runjobs")
-    root.setLevel(logging.INFO)
+    root.setLevel(settings.log_level.upper())
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)

@@ -7,6 +7,7 @@ start) and returns what happened; `Runner.run()` only loops, waits and stops.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import dataclasses
 import logging
@@ -100,6 +101,7 @@ class Runner:
         self._db_error: str | None = None          # set while the database fails
         self._reconcile_after_outage = False
         self.boot_id = boot_id()
+        self.ended: collections.Counter[str] = collections.Counter()  # outcomes, for the exit line
 
     # -- one round ---------------------------------------------------------
 
@@ -253,8 +255,13 @@ class Runner:
                 continue
             entry.context.close_log()
             results.append((entry.job, outcome, self._retry_in(entry.job, outcome)))
-            log.info("job %s (%s) ended %s%s", job_id, entry.job.action, outcome.status.value,
-                     f": {outcome.error}" if outcome.error else "")
+            self.ended[outcome.status.value] += 1
+            # A line per SUCCESS costs a fast drain a sixth of its time:
+            # those only at debug level; the exit line counts them.
+            level = logging.DEBUG if outcome.status is Status.SUCCESS else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(level, "job %s (%s) ended %s%s", job_id, entry.job.action,
+                        outcome.status.value, f": {outcome.error}" if outcome.error else "")
         return results
 
     def _retry_in(self, job: Job, outcome: Outcome) -> float | None:
@@ -438,7 +445,12 @@ class Runner:
             self.store.runner_set_state(self.runner_id, "exited")
         except StoreError as exc:
             log.error("runner %s: could not record its exit: %s", self.runner_id, exc)
-        log.info("runner %s exited", self.runner_id)
+        log.info("runner %s exited; jobs ended: %s", self.runner_id, self._ended_text())
+
+    def _ended_text(self) -> str:
+        if not self.ended:
+            return "none"
+        return ", ".join(f"{count} {status}" for status, count in sorted(self.ended.items()))
 
     def request_stop(self, *_args) -> None:
         """Signal handler: only set flags; the loop does the work. Running

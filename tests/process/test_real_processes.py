@@ -268,6 +268,24 @@ def test_job_and_log_files_are_not_readable_by_others(environ, store, request):
         assert mode & 0o077 == 0, f"{path.relative_to(home)} is {mode:o}"
 
 
+@pytest.mark.parametrize("level, per_success", [("info", False), ("debug", True)])
+def test_runner_log_lines_per_job_follow_log_level(environ, store, level, per_success):
+    """A SUCCESS gets its own line only at debug level (at thousands of jobs a
+    second the lines cost a sixth of the drain); any other outcome always
+    does, and the exit line counts every outcome."""
+    configure(environ, f'log_level = "{level}"\n')
+    ok = submit(store, *[JobSpec("noop") for _ in range(3)])
+    [failed] = submit(store, JobSpec("fail"))
+
+    result = run_sh(environ, "--once")
+
+    assert result.returncode == 0, result.stderr
+    text = (home_of(environ) / "logs" / "runjobs.log").read_text()
+    assert f"job {failed} (fail) ended FAILURE" in text
+    assert all((f"job {job_id} (noop) ended SUCCESS" in text) == per_success for job_id in ok)
+    assert "exited; jobs ended: 1 FAILURE, 3 SUCCESS" in text
+
+
 # -- 8. SIGTERM drains -------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -248,3 +248,11 @@ def test_settings_are_frozen(home):
     with pytest.raises(AttributeError):
         s.period = 1  # type: ignore[misc]
     assert s.replace(period=120.0).period == 120 and s.period == 60
+
+
+def test_log_level_from_file_and_environment(home):
+    assert load_settings(env(home)).log_level == "info"
+    assert load_settings(with_file(home, 'log_level = "DEBUG"\n')).log_level == "debug"
+    assert load_settings(env(home, log_level="warning")).log_level == "warning"
+    with pytest.raises(ConfigError, match="^log_level: .*'loud'"):
+        load_settings(env(home, log_level="loud"))
