@@ -74,6 +74,14 @@ class Claim:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Finish:
+    """Jobs with one outcome, left for the claim's statement to write."""
+
+    ids: list[int]
+    outcome: Outcome
+
+
+@dataclasses.dataclass(frozen=True)
 class Submitted:
     id: int
     created: bool            # False: an open job with the same key was returned
@@ -133,6 +141,28 @@ class Store:
         self.engine = engine
         self.settings = settings
         self.is_postgres = engine.dialect.name == "postgresql"
+        self._round_conn: sa.Connection | None = None
+
+    @contextlib.contextmanager
+    def _round_tx(self) -> Iterator[sa.Connection]:
+        """A transaction on the connection kept for the runner loop's rounds:
+        taking one from the pool and handing it back each round costs a
+        fast drain more than the round's SQL. Only the loop's thread uses it;
+        after a driver error it is dropped and a new one made next time."""
+        try:
+            if self._round_conn is None:
+                self._round_conn = self.engine.connect()
+            with self._round_conn.begin():
+                yield self._round_conn
+        except sa_exc.DBAPIError as exc:
+            self._drop_round_conn()
+            raise StoreError(_describe(exc)) from exc
+
+    def _drop_round_conn(self) -> None:
+        conn, self._round_conn = self._round_conn, None
+        if conn is not None:
+            with contextlib.suppress(sa_exc.SQLAlchemyError):
+                conn.invalidate()
 
     # -- plumbing ---------------------------------------------------------
 
@@ -195,6 +225,10 @@ class Store:
         return listener
 
     def dispose(self) -> None:
+        if self._round_conn is not None:
+            with contextlib.suppress(sa_exc.SQLAlchemyError):
+                self._round_conn.close()
+            self._round_conn = None
         self.engine.dispose()
 
     # -- schema -------------------------------------------------------------
@@ -318,32 +352,53 @@ class Store:
         return [job_id for job_id in chosen if job_id in claimed], used
 
     def _choose(self, conn: sa.Connection, node: str, capacity: Mapping[str, int],
-                limit: int | None) -> tuple[list[int], dict[str, int]]:
+                limit: int | None, finish: "_Finish | None" = None, runner_id: int = 0
+                ) -> tuple[list[int], dict[str, int]]:
         """The ids of due jobs that fit the node's free capacity, best first
-        (locked on PostgreSQL), and the node's use."""
+        (locked on PostgreSQL), and the node's use. `finish`: outcomes the
+        same statement writes first (PostgreSQL)."""
         most = sum(max(0, n) for n in capacity.values())
         if limit is not None:
             most = min(most, limit)
         if most <= 0:
+            if finish:
+                self._final(conn, runner_id, finish.ids, finish.outcome)
             return [], {}
         # Look past a few jobs that need more than is free, so one big job
         # at the head of the queue does not stop small ones from starting.
-        rows = self._run(conn, self._candidates_sql, node_name=node, count=most + 16).all()
+        params: dict[str, Any] = {"node_name": node, "count": most + 16}
+        statement = self._candidates_sql
+        if finish:
+            statement = self._finish_and_candidates_sql
+            params.update(self._final_params(runner_id, finish.ids, finish.outcome))
+        rows = self._run(conn, statement, **params).all()
         used = usage(rows[0][2] or ()) if rows else {}
         free = {name: count - used.get(name, 0) for name, count in capacity.items()}
         return _fitting(((job_id, needs) for job_id, needs, _ in rows), free, most), used
 
     @functools.cached_property
     def _candidates_sql(self) -> sa.Select:
+        return self._candidates_query()
+
+    @functools.cached_property
+    def _finish_and_candidates_sql(self) -> sa.Select:
+        """PostgreSQL: outcomes written in the candidates' statement, as a
+        data-modifying CTE. The statement reads the node's use from the
+        snapshot before them, so the jobs they finish are left out of it."""
+        finished = self._final_sql.cte("finished")
+        return self._candidates_query(finished_ids=sa.select(finished.c.id))
+
+    def _candidates_query(self, finished_ids: sa.Select | None = None) -> sa.Select:
         """Due jobs, best first, locked on PostgreSQL (others skip them), and
         the node's use, in one round trip. The use is the needs of the node's
         QUEUED/RUNNING/TO_CANCEL jobs, a draining runner's included; it is
         empty when nothing is due."""
         now = self._clock
-        node_needs = (
-            sa.select(self._json_array(_active.c.needs))
-            .where(_active.c.node == sa.bindparam("node_name"), _status_is(_active.c.status, ACTIVE_STATUSES))
-            .scalar_subquery())
+        in_use = [_active.c.node == sa.bindparam("node_name"),
+                  _status_is(_active.c.status, ACTIVE_STATUSES)]
+        if finished_ids is not None:
+            in_use.append(_active.c.id.not_in(finished_ids))
+        node_needs = sa.select(self._json_array(_active.c.needs)).where(*in_use).scalar_subquery()
         query = (
             sa.select(jobs.c.id, jobs.c.needs, node_needs)
             .where(_status_is(jobs.c.status, _PENDING), jobs.c.run_at <= now,
@@ -457,22 +512,28 @@ class Store:
         written (a job whose status changed under it is left alone).
         """
         with self._tx() as conn:
-            return self._finish_in(conn, runner_id, results)
+            return self._finish_in(conn, runner_id, results)[0]
 
     def _finish_in(self, conn: sa.Connection, runner_id: int,
-                   results: Sequence[tuple[Job, Outcome, float | None]]) -> list[int]:
+                   results: Sequence[tuple[Job, Outcome, float | None]],
+                   keep_largest: bool = False) -> tuple[list[int], "_Finish | None"]:
+        """Write the outcomes; jobs with the same plain outcome share one
+        statement. With `keep_largest`, the largest such group is not
+        written but returned, for the claim's statement to write."""
         written: list[int] = []
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[Status, list[int]] = {}
         for job, outcome, retry_in in results:
             if retry_in is not None:
                 written += self._retry(conn, runner_id, job, outcome, retry_in)
             elif outcome == Outcome(outcome.status):  # a plain outcome: batch it
-                groups.setdefault((outcome.status,), []).append(job.id)
+                groups.setdefault(outcome.status, []).append(job.id)
             else:
                 written += self._final(conn, runner_id, [job.id], outcome)
-        for (status,), ids in groups.items():
-            written += self._final(conn, runner_id, ids, Outcome(status))
-        return written
+        kept = max(groups, key=lambda status: len(groups[status])) if keep_largest and groups else None
+        for status, ids in groups.items():
+            if status is not kept:
+                written += self._final(conn, runner_id, ids, Outcome(status))
+        return written, (_Finish(groups[kept], Outcome(kept)) if kept else None)
 
     def runner_round(self, runner_id: int, node: str, capacity: Mapping[str, int],
                      results: Sequence[tuple[Job, Outcome, float | None]],
@@ -484,12 +545,14 @@ class Store:
         One commit per round instead of three, and one statement that claims
         and starts, is what lets a runner keep up with short jobs.
         """
-        with self._tx() as conn:
-            if results:
-                self._finish_in(conn, runner_id, results)
+        with self._round_tx() as conn:
+            # PostgreSQL: the claim's first statement also writes most of
+            # the outcomes, one round trip less per round.
+            _, finish = self._finish_in(conn, runner_id, results,
+                                        keep_largest=claim and self.is_postgres)
             if not claim:
                 return []
-            chosen, _ = self._choose(conn, node, capacity, limit)
+            chosen, _ = self._choose(conn, node, capacity, limit, finish, runner_id)
             if not chosen:
                 return []
             rows = self._run(conn, self._claim_start_sql, ids=chosen, runner=runner_id,
@@ -501,12 +564,16 @@ class Store:
                outcome: Outcome) -> list[int]:
         # A FAILURE of a job being canceled ends CANCELED, unless the
         # outcome must be kept as it is.
+        return list(self._run(conn, self._final_sql,
+                              **self._final_params(runner_id, ids, outcome)).scalars())
+
+    @staticmethod
+    def _final_params(runner_id: int, ids: list[int], outcome: Outcome) -> dict[str, Any]:
         cancel_wins = (outcome.status in (Status.FAILURE, Status.CANCELED)
                        and not outcome.keep_status)
-        return list(self._run(
-            conn, self._final_sql, ids=ids, runner=runner_id, b_status=outcome.status.value,
-            cancel_wins=cancel_wins, b_output=outcome.output, b_error=outcome.error,
-            b_peak_rss_kb=outcome.peak_rss_kb).scalars())
+        return dict(ids=ids, runner=runner_id, b_status=outcome.status.value,
+                    cancel_wins=cancel_wins, b_output=outcome.output, b_error=outcome.error,
+                    b_peak_rss_kb=outcome.peak_rss_kb)
 
     @functools.cached_property
     def _final_sql(self) -> sa.Update:
