@@ -361,7 +361,7 @@ class Store:
         if limit is not None:
             most = min(most, limit)
         if most <= 0:
-            if finish:
+            if finish:  # no statement to carry them: write them here
                 self._final(conn, runner_id, finish.ids, finish.outcome)
             return [], {}
         # Look past a few jobs that need more than is free, so one big job
@@ -529,7 +529,9 @@ class Store:
                 groups.setdefault(outcome.status, []).append(job.id)
             else:
                 written += self._final(conn, runner_id, [job.id], outcome)
-        kept = max(groups, key=lambda status: len(groups[status])) if keep_largest and groups else None
+        kept = None
+        if keep_largest and groups:
+            kept = max(groups, key=lambda status: len(groups[status]))
         for status, ids in groups.items():
             if status is not kept:
                 written += self._final(conn, runner_id, ids, Outcome(status))
@@ -539,8 +541,9 @@ class Store:
                      results: Sequence[tuple[Job, Outcome, float | None]],
                      claim: bool, limit: int | None = None) -> list[Job]:
         """One runner round in one transaction: record `results` (as
-        jobs_finish), then, if `claim`, claim what fits and start it
-        (PENDING -> QUEUED -> RUNNING). Returns the jobs started.
+        jobs_finish), then, if `claim`, claim what fits and start it in one
+        statement (PENDING -> RUNNING; the trigger records QUEUED between).
+        Returns the jobs started.
 
         One commit per round instead of three, and one statement that claims
         and starts, is what lets a runner keep up with short jobs.
@@ -562,13 +565,13 @@ class Store:
 
     def _final(self, conn: sa.Connection, runner_id: int, ids: list[int],
                outcome: Outcome) -> list[int]:
-        # A FAILURE of a job being canceled ends CANCELED, unless the
-        # outcome must be kept as it is.
         return list(self._run(conn, self._final_sql,
                               **self._final_params(runner_id, ids, outcome)).scalars())
 
     @staticmethod
     def _final_params(runner_id: int, ids: list[int], outcome: Outcome) -> dict[str, Any]:
+        # A FAILURE of a job being canceled ends CANCELED, unless the
+        # outcome must be kept as it is.
         cancel_wins = (outcome.status in (Status.FAILURE, Status.CANCELED)
                        and not outcome.keep_status)
         return dict(ids=ids, runner=runner_id, b_status=outcome.status.value,
