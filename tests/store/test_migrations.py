@@ -186,3 +186,31 @@ def test_0002_keeps_jobs_and_its_trigger_records_a_claim_that_starts(bare_store)
     bare_store.runner_round(runner, "node-a", {"default": 2}, [], claim=True)
     timeline = [(e.previous, e.status) for e in bare_store.job_events(other.id)]
     assert timeline == [(None, Status.PENDING), (Status.PENDING, Status.RUNNING)]
+
+
+def _event_fks(store: Store) -> list:
+    with store.engine.connect() as conn:
+        return sa.inspect(conn).get_foreign_keys("job_events")
+
+
+def test_0003_drops_the_events_key_and_a_deleted_job_still_takes_its_events(bare_store):
+    """0003 drops job_events' foreign key under existing events; a trigger
+    does its ON DELETE CASCADE. Down again, the key is back."""
+    migrate.upgrade(bare_store, "0002")
+    (old,) = bare_store.jobs_submit([JobSpec("noop")])
+    assert [fk["referred_table"] for fk in _event_fks(bare_store)] == ["jobs"]
+    migrate.upgrade(bare_store)
+    assert schema_diff(bare_store) == []
+    assert _event_fks(bare_store) == []
+    (kept,) = bare_store.jobs_submit([JobSpec("noop")])
+    assert [e.status for e in bare_store.job_events(old.id)] == [Status.PENDING]
+
+    with bare_store.engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM jobs WHERE id = :id"), {"id": old.id})
+    with bare_store.engine.connect() as conn:
+        left = conn.execute(sa.text("SELECT job_id FROM job_events")).scalars().all()
+    assert left == [kept.id]
+
+    migrate.downgrade(bare_store, "0002")
+    assert [fk["referred_table"] for fk in _event_fks(bare_store)] == ["jobs"]
+    assert [e.status for e in bare_store.job_events(kept.id)] == [Status.PENDING]
