@@ -20,7 +20,7 @@ from alembic.migration import MigrationContext
 from runjobs import migrate
 from runjobs.config import load_settings, pg_url
 from runjobs.errors import SchemaError
-from runjobs.models import JobSpec, Status
+from runjobs.models import JobSpec, Outcome, Status
 from runjobs.schema import HEAD_REVISION, metadata
 from runjobs.store import Store, make_engine, open_store
 
@@ -214,3 +214,27 @@ def test_0003_drops_the_events_key_and_a_deleted_job_still_takes_its_events(bare
     migrate.downgrade(bare_store, "0002")
     assert [fk["referred_table"] for fk in _event_fks(bare_store)] == ["jobs"]
     assert [e.status for e in bare_store.job_events(kept.id)] == [Status.PENDING]
+
+
+def test_0003_events_of_many_jobs_in_one_statement_keep_each_timeline(bare_store):
+    """On PostgreSQL, 0003 writes a statement's events at once from its
+    transition tables: each job's timeline must still read in order, and a
+    hand-written UPDATE is recorded like the store's."""
+    migrate.upgrade(bare_store)
+    submitted = bare_store.jobs_submit([JobSpec("noop") for _ in range(5)])
+    runner = bare_store.runner_register("node-a", 1, None, None, "test")
+    started = bare_store.runner_round(runner, "node-a", {"default": 5}, [], claim=True)
+    assert sorted(job.id for job in started) == [s.id for s in submitted]
+    bare_store.jobs_finish(runner, [(job, Outcome(Status.SUCCESS), None) for job in started])
+    with bare_store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE jobs SET status = 'PENDING', error = 'by hand' WHERE id = :id"),
+                     {"id": submitted[0].id})
+    for job in submitted:
+        timeline = [(e.previous, e.status, e.attempt) for e in bare_store.job_events(job.id)]
+        assert timeline[:4] == [(None, Status.PENDING, 0), (Status.PENDING, Status.QUEUED, 0),
+                                (Status.QUEUED, Status.RUNNING, 1),
+                                (Status.RUNNING, Status.SUCCESS, 1)]
+    by_hand = bare_store.job_events(submitted[0].id)[-1]
+    assert (by_hand.previous, by_hand.status, by_hand.note) == (
+        Status.SUCCESS, Status.PENDING, "by hand")
+    assert len(bare_store.job_events(submitted[1].id)) == 4
