@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sqlite3
 
 import pytest
+import sqlalchemy as sa
 
-from runjobs.errors import Conflict, NotFound
+from runjobs.errors import Conflict, NotFound, StoreError
 from runjobs.models import JobSpec, Outcome, Status
 from runjobs.store import Store
 
@@ -631,3 +633,25 @@ def test_timeline_of_an_unclaimed_and_an_expired_job(store):
         (Status.PENDING, None, None, 0),
         (Status.EXPIRED, Status.PENDING, None, 0),
     ]
+
+
+def test_sqlite_writer_lock_held_past_the_busy_timeout_is_a_store_error(store, settings):
+    """SQLite takes the write lock at BEGIN (straight through the driver);
+    another writer holding it past the busy timeout is a StoreError, as any
+    database error is, and the store works again once it is let go."""
+    if not settings.is_sqlite:
+        pytest.skip("SQLite's writer lock")
+    @sa.event.listens_for(store.engine, "connect")
+    def _short_busy_timeout(dbapi_conn, _record):
+        dbapi_conn.execute("PRAGMA busy_timeout = 100")
+
+    store.engine.dispose()  # new connections take the short timeout
+    holder = sqlite3.connect(sa.make_url(settings.database_url).database, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreError, match="database is locked"):
+            store.jobs_submit([JobSpec("noop")])
+    finally:
+        holder.close()
+    (job,) = store.jobs_submit([JobSpec("noop")])
+    assert store.job_status(job.id) == Status.PENDING
