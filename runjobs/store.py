@@ -61,6 +61,13 @@ def _held_by(runner_id: int) -> sa.ColumnElement:
     return sa.and_(jobs.c.runner_id == runner_id, _status_is(jobs.c.status, ACTIVE_STATUSES))
 
 
+def _default_needs(needs: sa.ColumnElement) -> sa.ColumnElement:
+    """SQL for what `needs_of` reads as the default needs: none stored, a
+    JSON null or an empty object. Any other spelling counts as other needs,
+    which only sends the claim the longer way."""
+    return sa.or_(needs.is_(None), sa.cast(needs, sa.Text).in_(("null", "{}")))
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -418,10 +425,11 @@ class Store:
             query = query.with_for_update(skip_locked=True, of=jobs)
         return query
 
-    def _claim_update(self, **values: Any) -> sa.Update:
-        """PENDING -> `values` for the chosen ids. A runner declared dead (its
-        jobs rescued) that comes back takes nothing new: no one would ever
-        rescue jobs of a 'dead' runner."""
+    def _claim_update(self, chosen: sa.ColumnElement | None = None, **values: Any) -> sa.Update:
+        """PENDING -> `values` for the chosen jobs: the `ids` parameter, or
+        the rows `chosen` names. A runner declared dead (its jobs rescued)
+        that comes back takes nothing new: no one would ever rescue jobs of
+        a 'dead' runner."""
         alive = sa.exists().where(runners.c.id == sa.bindparam("runner"),
                                   runners.c.state != "dead")
         now = self._clock
@@ -430,11 +438,17 @@ class Store:
         # PostgreSQL, its statistics stale after a bulk submit, scanned the
         # whole pending index to find 8 ids.
         still_pending = sa.func.coalesce(jobs.c.status, "") == Status.PENDING.value
+        if chosen is None:
+            chosen = jobs.c.id.in_(sa.bindparam("ids", expanding=True))
         return (
             sa.update(jobs)
-            .where(jobs.c.id.in_(sa.bindparam("ids", expanding=True)), still_pending, alive)
+            .where(chosen, still_pending, alive)
             .values(runner_id=sa.bindparam("runner"), node=sa.bindparam("node_name"),
                     queued_at=now, updated_at=now, **values))
+
+    def _start_values(self) -> dict[str, Any]:
+        return dict(status=Status.RUNNING.value, attempt=jobs.c.attempt + 1,
+                    started_at=self._clock, error=None)
 
     @functools.cached_property
     def _claim_sql(self) -> sa.Update:
@@ -444,10 +458,61 @@ class Store:
     def _claim_start_sql(self) -> sa.Update:
         """Claim and start in one statement: PENDING -> RUNNING. The event
         trigger still records the claim (QUEUED) before the start."""
+        return self._claim_update(**self._start_values()).returning(*_STARTED)
+
+    # PostgreSQL's round in one statement. The greedy fit of `_fitting` is
+    # decided in SQL for the common case, jobs with the default needs on a
+    # node whose running jobs all have them: such jobs fit while default
+    # slots are free, so the due ones are taken in order up to the first job
+    # with other needs. Whatever SQL cannot decide is left to the fit in
+    # Python, in the same transaction.
+
+    @functools.cached_property
+    def _plain_claim_sql(self) -> sa.Update:
+        return self._plain_claim_query()
+
+    @functools.cached_property
+    def _finish_and_plain_claim_sql(self) -> sa.Update:
+        finished = self._final_sql.cte("finished")
+        return self._plain_claim_query(finished_ids=sa.select(finished.c.id))
+
+    def _plain_claim_query(self, finished_ids: sa.Select | None = None) -> sa.Update:
+        """Claim and start due jobs with the default needs, best first: at
+        most `most` of them, as many as the node has default `slots` free,
+        up to the first job with other needs; none when a job of the node
+        has other needs. The candidates locked are the first `most`.
+        Each row started also returns its place in the queue and the
+        node's use (`in_use`) before the round."""
         now = self._clock
-        return self._claim_update(
-            status=Status.RUNNING.value, attempt=jobs.c.attempt + 1, started_at=now, error=None,
-        ).returning(*_STARTED)
+        in_use_where = [_active.c.node == sa.bindparam("node_name"),
+                        _status_is(_active.c.status, ACTIVE_STATUSES)]
+        if finished_ids is not None:
+            in_use_where.append(_active.c.id.not_in(finished_ids))
+        in_use = sa.select(
+            sa.func.count().label("jobs"),
+            sa.func.coalesce(sa.func.bool_and(_default_needs(_active.c.needs)), True).label("plain"),
+        ).where(*in_use_where).cte("in_use").prefix_with("MATERIALIZED")  # once, not per row
+        candidates = (
+            sa.select(jobs.c.id, jobs.c.needs, jobs.c.priority, jobs.c.run_at)
+            .where(_status_is(jobs.c.status, _PENDING), jobs.c.run_at <= now,
+                   sa.or_(jobs.c.max_start_at.is_(None), jobs.c.max_start_at > now))
+            .order_by(*_ORDER).limit(sa.bindparam("most"))
+            .with_for_update(skip_locked=True, of=jobs)
+            .cte("candidates"))
+        c = candidates.c
+        ranked = sa.select(
+            c.id, _default_needs(c.needs).label("plain"),
+            sa.func.row_number().over(order_by=(c.priority.desc(), c.run_at, c.id)).label("place"),
+        ).cte("ranked")
+        first_other = sa.select(sa.func.min(ranked.c.place)).where(
+            sa.not_(ranked.c.plain)).scalar_subquery()
+        chosen = sa.select(ranked.c.id, ranked.c.place, in_use.c.jobs).where(
+            in_use.c.plain,
+            ranked.c.place <= sa.bindparam("slots") - in_use.c.jobs,
+            ranked.c.place < sa.func.coalesce(first_other, sa.bindparam("most") + 1),
+        ).cte("chosen")
+        return (self._claim_update(jobs.c.id == chosen.c.id, **self._start_values())
+                .returning(*_STARTED, chosen.c.place, chosen.c.jobs.label("in_use")))
 
     def _json_array(self, column: sa.ColumnElement) -> sa.ColumnElement:
         if self.is_postgres:
@@ -563,13 +628,43 @@ class Store:
                                         keep_largest=claim and self.is_postgres)
             if not claim:
                 return []
+            started: list[Job] = []
+            if self.is_postgres:
+                started, decided = self._plain_claim(conn, runner_id, node, capacity, limit,
+                                                     finish)
+                if decided:
+                    return started
+                finish = None  # written by that statement
+                if limit is not None:
+                    limit -= len(started)
             chosen, _ = self._choose(conn, node, capacity, limit, finish, runner_id)
             if not chosen:
-                return []
+                return started
             rows = self._run(conn, self._claim_start_sql, ids=chosen, runner=runner_id,
                              node_name=node).all()
         by_id = {row.id: _started_job(row, runner_id, node) for row in rows}
-        return [by_id[job_id] for job_id in chosen if job_id in by_id]
+        return started + [by_id[job_id] for job_id in chosen if job_id in by_id]
+
+    def _plain_claim(self, conn: sa.Connection, runner_id: int, node: str,
+                     capacity: Mapping[str, int], limit: int | None,
+                     finish: "_Finish | None") -> tuple[list[Job], bool]:
+        """PostgreSQL: write `finish` and claim and start jobs with the
+        default needs in one statement (see `_plain_claim_query`). Returns
+        the jobs started, best first, and whether that decided the round:
+        every free slot (or `limit`) filled. Else the fit in Python goes on
+        from there."""
+        slots = capacity.get("default", 0)
+        most = slots if limit is None else min(slots, limit)
+        params: dict[str, Any] = {"runner": runner_id, "node_name": node, "slots": slots,
+                                  "most": most}
+        statement = self._plain_claim_sql
+        if finish:
+            statement = self._finish_and_plain_claim_sql
+            params.update(self._final_params(runner_id, finish.ids, finish.outcome))
+        rows = sorted(self._run(conn, statement, **params).all(), key=lambda row: row.place)
+        started = [_started_job(row, runner_id, node) for row in rows]
+        free = min(most, slots - rows[0].in_use) if rows else None
+        return started, free is not None and len(started) >= free
 
     def _final(self, conn: sa.Connection, runner_id: int, ids: list[int],
                outcome: Outcome) -> list[int]:

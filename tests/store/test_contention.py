@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from runjobs.models import JobSpec, Outcome, Status
-from runjobs.store import Store, needs_of
+from runjobs.store import Store, needs_of, open_store
 
 WORKER = Path(__file__).resolve().parent / "claim_worker.py"
 
@@ -59,6 +59,30 @@ def drain(store: Store, runner_id: int, node: str, capacity: dict[str, int],
         assert sorted(written) == sorted(j.id for j in started)
 
 
+def drain_in_rounds(store: Store, runner_id: int, node: str, capacity: dict[str, int],
+                    limit: int | None) -> list[int]:
+    """The same as a runner does it: each runner_round writes the last
+    round's outcomes and claims and starts what fits; the ids claimed."""
+    claimed: list[int] = []
+    running = []
+    while True:
+        done = [(job, Outcome(Status.SUCCESS), None) for job in running]
+        running = store.runner_round(runner_id, node, capacity, done, claim=True, limit=limit)
+        if not running:
+            if not store.jobs_list([Status.PENDING], limit=1):
+                return claimed
+            continue
+        # This node's only runner: all it uses is what it just started.
+        used = sum(needs_of(job.needs)["default"] for job in running)
+        assert used <= capacity["default"], "over capacity"
+        assert limit is None or len(running) <= limit
+        claimed += [job.id for job in running]
+        time.sleep(0.002)
+
+
+DRAINS = {"claim": drain, "round": drain_in_rounds}
+
+
 def assert_each_claimed_once(store: Store, all_ids: list[int], claimed: list[list[int]]) -> None:
     assert sum(1 for ids in claimed if ids) >= 2, "no contention: one runner took everything"
     for one, other in itertools.combinations(claimed, 2):
@@ -74,8 +98,9 @@ def assert_each_claimed_once(store: Store, all_ids: list[int], claimed: list[lis
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("way", DRAINS)
 @pytest.mark.parametrize("capacity, limit", [UNLIMITED, LIMITED], ids=["unlimited", "capacity2"])
-def test_threads_claim_each_job_exactly_once(store, capacity, limit):
+def test_threads_claim_each_job_exactly_once(store, capacity, limit, way):
     threads_count, jobs_count = 6, 480
     all_ids = fill(store, jobs_count)
     barrier = threading.Barrier(threads_count)
@@ -87,7 +112,14 @@ def test_threads_claim_each_job_exactly_once(store, capacity, limit):
             node = f"node-{index}"
             runner_id = store.runner_register(node, os.getpid(), None, None, "test")
             barrier.wait(timeout=10)
-            claimed[index] = drain(store, runner_id, node, capacity, limit)
+            # runner_round keeps one connection for its loop's thread: a
+            # store of its own per thread, as each runner process has.
+            own = open_store(store.settings) if way == "round" else store
+            try:
+                claimed[index] = DRAINS[way](own, runner_id, node, capacity, limit)
+            finally:
+                if own is not store:
+                    own.dispose()
         except BaseException as exc:  # reported below, in the test's thread
             errors.append(exc)
             barrier.abort()
@@ -104,13 +136,14 @@ def test_threads_claim_each_job_exactly_once(store, capacity, limit):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("way", DRAINS)
 @pytest.mark.parametrize("capacity, limit", [UNLIMITED, LIMITED], ids=["unlimited", "capacity2"])
-def test_processes_claim_each_job_exactly_once(store, environ, capacity, limit):
+def test_processes_claim_each_job_exactly_once(store, environ, capacity, limit, way):
     processes_count, jobs_count = 4, 400
     all_ids = fill(store, jobs_count)
     procs = [
         subprocess.Popen([sys.executable, str(WORKER), f"node-{i}", json.dumps(capacity),
-                          json.dumps(limit)],
+                          json.dumps(limit), way],
                          env=environ, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
         for i in range(processes_count)

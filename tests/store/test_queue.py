@@ -241,6 +241,62 @@ def test_multi_resource_needs_must_all_fit(store):
     assert status(store, both) == Status.PENDING
 
 
+# -- a runner's round: the same fit, in one statement where SQL can decide it --------
+
+
+def round_ids(store: Store, runner_id: int, capacity, done=(), limit: int | None = None,
+              node: str = "node-a") -> list[int]:
+    return [job.id for job in store.runner_round(runner_id, node, capacity, list(done),
+                                                 claim=True, limit=limit)]
+
+
+def test_round_takes_jobs_with_other_needs_in_their_place(store):
+    a, b = submit(store), submit(store)
+    gpu = submit(store, needs={"gpu": 1})
+    c, d = submit(store), submit(store)
+    big = submit(store, needs={"default": 3})
+    e = submit(store)
+    runner = register(store)
+    # a, b: 2 of 5 default slots; gpu: the gpu; c, d: 4 of 5; big needs 3 of
+    # the 1 left and waits; e: the last slot. In the queue's order.
+    assert round_ids(store, runner, {"default": 5, "gpu": 1}) == [a, b, gpu, c, d, e]
+    assert status(store, big) == Status.PENDING
+
+
+def test_round_counts_the_nodes_jobs_with_other_needs(store):
+    wide = submit(store, needs={"default": 3}, priority=5)
+    plain = [submit(store) for _ in range(4)]
+    runner, draining = register(store), register(store)
+    assert round_ids(store, draining, {"default": 4}) == [wide, plain[0]]
+    # The node is full, whichever of its runners asks.
+    assert round_ids(store, runner, {"default": 4}) == []
+    # The wide job ends: its 3 slots are free again.
+    wide_job = store.job_get(wide)
+    assert round_ids(store, draining, {"default": 4},
+                     done=[(wide_job, Outcome(Status.SUCCESS), None)]) == plain[1:]
+    assert status(store, wide) == Status.SUCCESS
+
+
+def test_round_fills_only_free_slots_and_keeps_to_its_limit(store):
+    ids = [submit(store) for _ in range(10)]
+    runner = register(store)
+    first = store.runner_round(runner, "node-a", {"default": 4}, [], claim=True, limit=3)
+    assert [job.id for job in first] == ids[:3]
+    # One of three ends: 2 of 4 slots are free.
+    assert round_ids(store, runner, {"default": 4},
+                     done=[(first[0], Outcome(Status.SUCCESS), None)]) == ids[3:5]
+    assert round_ids(store, runner, {"default": 4}) == []
+
+
+def test_round_with_fewer_jobs_due_than_free_slots_takes_them_all(store):
+    ids = [submit(store) for _ in range(3)]
+    later = submit(store, run_in=3600)
+    runner = register(store)
+    assert round_ids(store, runner, {"default": 8}) == ids
+    assert round_ids(store, runner, {"default": 8}) == []
+    assert status(store, later) == Status.PENDING
+
+
 # -- start ----------------------------------------------------------------------------
 
 
