@@ -7,12 +7,13 @@ plain `alembic` command (with -x url=...) gets one built from the URL.
 from alembic import context
 import sqlalchemy as sa
 
-from runjobs.schema import metadata
+from runjobs.schema import metadata, use_dialect
 
 config = context.config
 
 
 def run_migrations(connection) -> None:
+    use_dialect(connection.dialect.name)  # the partial indexes' WHERE, for autogenerate
     context.configure(
         connection=connection,
         target_metadata=metadata,

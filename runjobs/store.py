@@ -31,7 +31,7 @@ from .config import Settings, mask_url
 from .errors import Conflict, NotFound, SchemaError, StoreError
 from .models import Event, Job, JobSpec, Outcome, Status
 from .schema import (ACTIVE_STATUSES, HEAD_REVISION, NOT_FINAL_STATUSES, UtcDateTime,
-                     job_events, jobs, runners)
+                     job_events, jobs, runners, use_dialect)
 
 log = logging.getLogger("runjobs.store")
 
@@ -1061,6 +1061,7 @@ def _prepare_sqlite_file(path: Path, settings: Settings) -> None:
 
 
 def make_engine(settings: Settings) -> sa.engine.Engine:
+    use_dialect("sqlite" if settings.is_sqlite else "postgresql")
     if settings.is_sqlite:
         return _sqlite_engine(settings)
     # No bitmap scans in runjobs' sessions: right after a bulk submit the
