@@ -405,6 +405,7 @@ class Runner:
             # Clear before the round, not after the wait: a job that ends
             # during the round then still wakes the wait below.
             self.wake.clear()
+            round_at = time.monotonic()
             try:
                 result = self.tick()
             except Exception:  # a bug of ours: log it, keep the running jobs going
@@ -417,7 +418,7 @@ class Runner:
                     self.stop_claiming()
                     continue
             if not result.full:  # full: more may be due, claim again at once
-                self.wake.wait(self._wait_time(deadline))
+                self.wake.wait(self._wait_time(deadline, round_at))
             self._gather_endings()
 
     def _gather_endings(self) -> None:
@@ -437,13 +438,17 @@ class Runner:
             self._database_failed(exc)
             return False
 
-    def _wait_time(self, deadline: float | None) -> float:
-        wait = self.settings.poll_interval
+    def _wait_time(self, deadline: float | None, round_at: float) -> float:
+        """Until the next round: poll_interval from the start of the last
+        one (monotonic `round_at`), so a job due just after a round waits at
+        most poll_interval, not that plus the round; sooner while jobs run
+        and at the deadline."""
+        wait = self.settings.poll_interval - (time.monotonic() - round_at)
         if self.running:
             wait = min(wait, 0.5)  # timeouts and cancels are checked each round
         if self.claiming and deadline:
-            wait = min(wait, max(0.0, deadline - self.clock()))
-        return wait
+            wait = min(wait, deadline - self.clock())
+        return max(0.0, wait)
 
     def _finish(self) -> None:
         self.stop_claiming()
