@@ -7,8 +7,8 @@ and uses the database's clock; SQLite serialises writers with BEGIN IMMEDIATE
 
 Every status change is a compare-and-set on the status it expects, so a cancel
 and a finish, or two runners, can never both win. The database records each
-change in job_events itself (a trigger, see migrations/versions/0002), in the
-same transaction.
+change in job_events itself (triggers, see migrations/versions/0002 and
+0003), in the same transaction.
 """
 
 from __future__ import annotations
