@@ -14,9 +14,11 @@ import sqlite3
 import pytest
 import sqlalchemy as sa
 
+from runjobs.config import load_settings
 from runjobs.errors import Conflict, NotFound, StoreError
 from runjobs.models import JobSpec, Outcome, Status
-from runjobs.store import Store
+from runjobs.store import Store, open_store
+from tests.conftest import write_config
 
 CAPACITY = {"default": 10}
 
@@ -691,23 +693,30 @@ def test_timeline_of_an_unclaimed_and_an_expired_job(store):
     ]
 
 
-def test_sqlite_writer_lock_held_past_the_busy_timeout_is_a_store_error(store, settings):
+def test_sqlite_writer_lock_held_past_the_busy_timeout_is_a_store_error(tmp_path):
     """SQLite takes the write lock at BEGIN (straight through the driver);
     another writer holding it past the busy timeout is a StoreError, as any
     database error is, and the store works again once it is let go."""
-    if not settings.is_sqlite:
-        pytest.skip("SQLite's writer lock")
+    home = tmp_path / "home"
+    path = home / "runjobs.db"
+    settings = load_settings({"RUNJOBS_HOME": str(home),
+                              "RUNJOBS_CONFIG": str(write_config(home, ""))},
+                             database_url=f"sqlite:///{path}")
+    store = open_store(settings)
+
     @sa.event.listens_for(store.engine, "connect")
     def _short_busy_timeout(dbapi_conn, _record):
         dbapi_conn.execute("PRAGMA busy_timeout = 100")
 
     store.engine.dispose()  # new connections take the short timeout
-    holder = sqlite3.connect(sa.make_url(settings.database_url).database, isolation_level=None)
+    holder = sqlite3.connect(path, isolation_level=None)
     try:
         holder.execute("BEGIN IMMEDIATE")
         with pytest.raises(StoreError, match="database is locked"):
             store.jobs_submit([JobSpec("noop")])
+        holder.rollback()
+        (job,) = store.jobs_submit([JobSpec("noop")])
+        assert store.job_status(job.id) == Status.PENDING
     finally:
         holder.close()
-    (job,) = store.jobs_submit([JobSpec("noop")])
-    assert store.job_status(job.id) == Status.PENDING
+        store.dispose()
