@@ -367,57 +367,49 @@ class Store:
         return [job_id for job_id in chosen if job_id in claimed], used
 
     def _choose(self, conn: sa.Connection, node: str, capacity: Mapping[str, int],
-                limit: int | None, finish: "_Finish | None" = None, runner_id: int = 0
-                ) -> tuple[list[int], dict[str, int]]:
+                limit: int | None) -> tuple[list[int], dict[str, int]]:
         """The ids of due jobs that fit the node's free capacity, best first
-        (locked on PostgreSQL), and the node's use. `finish`: outcomes the
-        same statement writes first (PostgreSQL)."""
+        (locked on PostgreSQL), and the node's use."""
         most = sum(max(0, n) for n in capacity.values())
         if limit is not None:
             most = min(most, limit)
         if most <= 0:
-            if finish:  # no statement to carry them: write them here
-                self._final(conn, runner_id, finish.ids, finish.outcome)
             return [], {}
         # Look past a few jobs that need more than is free, so one big job
         # at the head of the queue does not stop small ones from starting.
-        params: dict[str, Any] = {"node_name": node, "count": most + 16}
-        statement = self._candidates_sql
-        if finish:
-            statement = self._finish_and_candidates_sql
-            params.update(self._final_params(runner_id, finish.ids, finish.outcome))
-        rows = self._run(conn, statement, **params).all()
+        rows = self._run(conn, self._candidates_sql, node_name=node, count=most + 16).all()
         used = usage(rows[0][2] or ()) if rows else {}
         free = {name: count - used.get(name, 0) for name, count in capacity.items()}
         return _fitting(((job_id, needs) for job_id, needs, _ in rows), free, most), used
 
+    def _due(self) -> tuple[sa.ColumnElement, ...]:
+        """Conditions of a job a runner may claim now."""
+        now = self._clock
+        return (_status_is(jobs.c.status, _PENDING), jobs.c.run_at <= now,
+                sa.or_(jobs.c.max_start_at.is_(None), jobs.c.max_start_at > now))
+
+    @staticmethod
+    def _node_jobs(finished_ids: sa.Select | None = None) -> list[sa.ColumnElement]:
+        """Conditions of the jobs holding the node's capacity (`_active`):
+        its QUEUED/RUNNING/TO_CANCEL jobs, a draining runner's included,
+        less those the same statement finishes (`finished_ids`): it reads
+        the snapshot from before its own writes."""
+        where = [_active.c.node == sa.bindparam("node_name"),
+                 _status_is(_active.c.status, ACTIVE_STATUSES)]
+        if finished_ids is not None:
+            where.append(_active.c.id.not_in(finished_ids))
+        return where
+
     @functools.cached_property
     def _candidates_sql(self) -> sa.Select:
-        return self._candidates_query()
-
-    @functools.cached_property
-    def _finish_and_candidates_sql(self) -> sa.Select:
-        """PostgreSQL: outcomes written in the candidates' statement, as a
-        data-modifying CTE. The statement reads the node's use from the
-        snapshot before them, so the jobs they finish are left out of it."""
-        finished = self._final_sql.cte("finished")
-        return self._candidates_query(finished_ids=sa.select(finished.c.id))
-
-    def _candidates_query(self, finished_ids: sa.Select | None = None) -> sa.Select:
         """Due jobs, best first, locked on PostgreSQL (others skip them), and
-        the node's use, in one round trip. The use is the needs of the node's
-        QUEUED/RUNNING/TO_CANCEL jobs, a draining runner's included; it is
-        empty when nothing is due."""
-        now = self._clock
-        in_use = [_active.c.node == sa.bindparam("node_name"),
-                  _status_is(_active.c.status, ACTIVE_STATUSES)]
-        if finished_ids is not None:
-            in_use.append(_active.c.id.not_in(finished_ids))
-        node_needs = sa.select(self._json_array(_active.c.needs)).where(*in_use).scalar_subquery()
+        the needs of the node's jobs, in one round trip; the needs are empty
+        when nothing is due."""
+        node_needs = (sa.select(self._json_array(_active.c.needs))
+                      .where(*self._node_jobs()).scalar_subquery())
         query = (
             sa.select(jobs.c.id, jobs.c.needs, node_needs)
-            .where(_status_is(jobs.c.status, _PENDING), jobs.c.run_at <= now,
-                   sa.or_(jobs.c.max_start_at.is_(None), jobs.c.max_start_at > now))
+            .where(*self._due())
             .order_by(*_ORDER)
             .limit(sa.bindparam("count"))
         )
@@ -483,19 +475,13 @@ class Store:
         has other needs. The candidates locked are the first `most`.
         Each row started also returns its place in the queue and the
         node's use (`in_use`) before the round."""
-        now = self._clock
-        in_use_where = [_active.c.node == sa.bindparam("node_name"),
-                        _status_is(_active.c.status, ACTIVE_STATUSES)]
-        if finished_ids is not None:
-            in_use_where.append(_active.c.id.not_in(finished_ids))
         in_use = sa.select(
             sa.func.count().label("jobs"),
             sa.func.coalesce(sa.func.bool_and(_default_needs(_active.c.needs)), True).label("plain"),
-        ).where(*in_use_where).cte("in_use").prefix_with("MATERIALIZED")  # once, not per row
+        ).where(*self._node_jobs(finished_ids)).cte("in_use").prefix_with("MATERIALIZED")  # once
         candidates = (
             sa.select(jobs.c.id, jobs.c.needs, jobs.c.priority, jobs.c.run_at)
-            .where(_status_is(jobs.c.status, _PENDING), jobs.c.run_at <= now,
-                   sa.or_(jobs.c.max_start_at.is_(None), jobs.c.max_start_at > now))
+            .where(*self._due())
             .order_by(*_ORDER).limit(sa.bindparam("most"))
             .with_for_update(skip_locked=True, of=jobs)
             .cte("candidates"))
@@ -634,10 +620,9 @@ class Store:
                                                      finish)
                 if decided:
                     return started
-                finish = None  # written by that statement
                 if limit is not None:
                     limit -= len(started)
-            chosen, _ = self._choose(conn, node, capacity, limit, finish, runner_id)
+            chosen, _ = self._choose(conn, node, capacity, limit)
             if not chosen:
                 return started
             rows = self._run(conn, self._claim_start_sql, ids=chosen, runner=runner_id,

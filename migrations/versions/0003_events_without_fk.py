@@ -98,16 +98,6 @@ DROP FUNCTION runjobs_jobs_updated();
 DROP FUNCTION runjobs_jobs_deleted();
 """
 
-# 0001's row triggers; their function is 0002's, read from that migration.
-PG_ROW_TRIGGERS = """
-CREATE TRIGGER jobs_event_insert AFTER INSERT ON jobs
-    FOR EACH ROW EXECUTE FUNCTION runjobs_job_event();
-CREATE TRIGGER jobs_event_update AFTER UPDATE OF status ON jobs
-    FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status
-                       OR OLD.attempt IS DISTINCT FROM NEW.attempt)
-    EXECUTE FUNCTION runjobs_job_event();
-"""
-
 SQLITE_DELETE_TRIGGER = """
 CREATE TRIGGER jobs_deleted AFTER DELETE ON jobs BEGIN
     DELETE FROM job_events WHERE job_id = OLD.id;
@@ -128,8 +118,10 @@ def upgrade() -> None:
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute(PG_DOWNGRADE)
-        op.execute(_migration_0002().PG_FUNCTION)
-        op.execute(PG_ROW_TRIGGERS)
+        # 0002's row triggers, as those migrations wrote them: 0001 creates
+        # the function and its triggers, 0002 replaces the function's body.
+        op.execute(_migration("0001_initial").PG_TRIGGER)
+        op.execute(_migration("0002_claim_indexes").PG_FUNCTION)
         op.create_foreign_key(PG_FK, "job_events", "jobs", ["job_id"], ["id"],
                               ondelete="CASCADE")
         return
@@ -152,9 +144,10 @@ def _sqlite_rebuild(**options):
         op.execute("PRAGMA legacy_alter_table = OFF")
 
 
-def _migration_0002():
-    path = Path(__file__).with_name("0002_claim_indexes.py")
-    spec = importlib.util.spec_from_file_location("runjobs_migration_0002", path)
+def _migration(name: str):
+    """An earlier migration's module, for the SQL it holds."""
+    path = Path(__file__).with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"runjobs_migration_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

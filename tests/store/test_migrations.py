@@ -214,6 +214,11 @@ def test_0003_drops_the_events_key_and_a_deleted_job_still_takes_its_events(bare
     migrate.downgrade(bare_store, "0002")
     assert [fk["referred_table"] for fk in _event_fks(bare_store)] == ["jobs"]
     assert [e.status for e in bare_store.job_events(kept.id)] == [Status.PENDING]
+    # 0002's triggers are back and record as before.
+    runner = bare_store.runner_register("node-a", 1, None, None, "test")
+    (job,) = bare_store.runner_round(runner, "node-a", {"default": 1}, [], claim=True)
+    assert [e.status for e in bare_store.job_events(job.id)] == [
+        Status.PENDING, Status.QUEUED, Status.RUNNING]
 
 
 def test_0003_events_of_many_jobs_in_one_statement_keep_each_timeline(bare_store):
