@@ -17,6 +17,8 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
+import hashlib
+import json
 import logging
 from pathlib import Path
 import select
@@ -90,6 +92,42 @@ class _Finish:
 
 
 @dataclasses.dataclass(frozen=True)
+class _DriverSql:
+    """A statement of the runner's round as text for the driver's cursor.
+
+    Compiled once, its parameters put in order here: SQLAlchemy's execution
+    (parameter and result processing) cost a round of short jobs more than
+    the database's own work. On PostgreSQL it is a prepared statement, so
+    the round is not planned again each time (half its server time).
+    """
+
+    sql: str                         # what the cursor executes
+    names: tuple[str, ...]           # its parameters, in order
+    fixed: dict[str, Any]            # values of the parameters the statement sets itself
+    processors: dict[str, Callable[[Any], Any]]  # e.g. SQLite's times to text
+    prepare: str | None = None       # PostgreSQL: the PREPARE to run once per connection
+    name: str | None = None          # ... and the name it prepares
+
+    def values(self, params: Mapping[str, Any]) -> list[Any]:
+        """The parameters in order: the caller's (each processed once, though
+        SQLite's text names 'now' up to three times), else the statement's
+        own, else the n-th of `ids` for ids_n."""
+        given = {name: process(params[name]) if params.get(name) is not None else None
+                 for name, process in self.processors.items() if name in params}
+        values = []
+        for name in self.names:
+            if name in given:
+                values.append(given[name])
+            elif name in params:
+                values.append(params[name])
+            elif name in self.fixed:
+                values.append(self.fixed[name])
+            else:  # ids_3: the third of the ids
+                values.append(params["ids"][int(name.rpartition("_")[2]) - 1])
+        return values
+
+
+@dataclasses.dataclass(frozen=True)
 class Submitted:
     id: int
     created: bool            # False: an open job with the same key was returned
@@ -150,6 +188,10 @@ class Store:
         self.settings = settings
         self.is_postgres = engine.dialect.name == "postgresql"
         self._round_conn: sa.Connection | None = None
+        # Errors of statements run on the driver's cursor (`_driver_run`).
+        self._driver_error: type[Exception] = engine.dialect.loaded_dbapi.Error
+        self._driver_sqls: dict[tuple[int, int], tuple[sa.Executable, _DriverSql]] = {}
+        self._plain_claims: dict[tuple[bool, int, int], sa.Update] = {}
 
     @contextlib.contextmanager
     def _round_tx(self) -> Iterator[sa.Connection]:
@@ -162,7 +204,7 @@ class Store:
                 self._round_conn = self.engine.connect()
             with self._round_conn.begin():
                 yield self._round_conn
-        except sa_exc.DBAPIError as exc:
+        except (sa_exc.DBAPIError, self._driver_error) as exc:
             self._drop_round_conn()
             raise StoreError(_describe(exc)) from exc
 
@@ -180,7 +222,7 @@ class Store:
         try:
             with self.engine.begin() as conn:
                 yield conn
-        except sa_exc.DBAPIError as exc:
+        except (sa_exc.DBAPIError, self._driver_error) as exc:
             raise StoreError(_describe(exc)) from exc
 
     def _now(self) -> sa.ColumnElement:
@@ -209,6 +251,37 @@ class Store:
         if not self.is_postgres:
             params["now"] = utcnow()
         return conn.execute(statement, params)
+
+    def _driver_run(self, conn: sa.Connection, statement: sa.Executable,
+                    **params: Any) -> list[tuple]:
+        """Execute a statement built once on the driver's cursor (see
+        `_DriverSql`); rows as plain tuples, JSON columns still text on
+        SQLite. Listeners of before_cursor_execute see it as usual."""
+        if not self.is_postgres:
+            params["now"] = utcnow()
+        sql = self._driver_sql(statement, len(params.get("ids", ())))
+        cursor = conn.connection.driver_connection.cursor()
+        try:
+            if sql.prepare is not None:
+                prepared = conn.info.setdefault("runjobs_prepared", set())
+                if sql.name not in prepared:
+                    cursor.execute(sql.prepare)
+                    prepared.add(sql.name)
+            values = sql.values(params)
+            conn.dispatch.before_cursor_execute(conn, cursor, sql.sql, values, None, False)
+            cursor.execute(sql.sql, values)
+            return cursor.fetchall() if cursor.description else []
+        finally:
+            cursor.close()
+
+    def _driver_sql(self, statement: sa.Executable, ids: int) -> _DriverSql:
+        """`statement` compiled for the driver, with `ids` values for an
+        expanding `ids` parameter; kept for the store's life."""
+        key = (id(statement), ids)
+        if key not in self._driver_sqls:
+            self._driver_sqls[key] = (statement, _compile_for_driver(
+                statement, self.engine.dialect, ids, prepare=self.is_postgres))
+        return self._driver_sqls[key][1]
 
     def db_now(self, conn: sa.Connection | None = None) -> dt.datetime:
         if not self.is_postgres:
@@ -377,10 +450,25 @@ class Store:
             return [], {}
         # Look past a few jobs that need more than is free, so one big job
         # at the head of the queue does not stop small ones from starting.
-        rows = self._run(conn, self._candidates_sql, node_name=node, count=most + 16).all()
-        used = usage(rows[0][2] or ()) if rows else {}
+        rows = self._driver_run(conn, self._candidates_sql, node_name=node, count=most + 16)
+        used = usage(self._json(rows[0][2]) or ()) if rows else {}
         free = {name: count - used.get(name, 0) for name, count in capacity.items()}
-        return _fitting(((job_id, needs) for job_id, needs, _ in rows), free, most), used
+        return _fitting(((job_id, self._json(needs)) for job_id, needs, _ in rows),
+                        free, most), used
+
+    def _json(self, value: Any) -> Any:
+        """A JSON column read on the driver's cursor: psycopg2 decodes JSON
+        itself, sqlite3 gives the text."""
+        return json.loads(value) if value is not None and not self.is_postgres else value
+
+    def _started(self, row: tuple, runner_id: int, node: str) -> Job:
+        """A job the runner just started, from its `_STARTED` columns read
+        on the driver's cursor."""
+        job_id, action, params, priority, attempt, retries, timeout, needs = row[:8]
+        return Job(id=job_id, action=action, params=self._json(params) or {},
+                   status=Status.RUNNING, priority=priority, attempt=attempt, retries=retries,
+                   timeout=timeout, needs=needs_of(self._json(needs)), runner_id=runner_id,
+                   node=node)
 
     def _due(self) -> tuple[sa.ColumnElement, ...]:
         """Conditions of a job a runner may claim now."""
@@ -459,22 +547,32 @@ class Store:
     # with other needs. Whatever SQL cannot decide is left to the fit in
     # Python, in the same transaction.
 
-    @functools.cached_property
-    def _plain_claim_sql(self) -> sa.Update:
-        return self._plain_claim_query()
+    def _plain_claim_sql(self, finish: bool, most: int, slots: int) -> sa.Update:
+        """`_plain_claim_query`, with or without the finish CTE, built once
+        per `most` and `slots`: written into the SQL, not bound, so that the
+        prepared statement's generic plan knows its LIMIT (for a bound one
+        PostgreSQL guesses a tenth of the table, which can make the generic
+        plan look worse than planning anew each round, or pick a plan made
+        for that many rows)."""
+        key = (finish, most, slots)
+        if key not in self._plain_claims:
+            finished_ids = None
+            if finish:
+                finished = self._final_sql.cte("finished")
+                finished_ids = sa.select(finished.c.id)
+            self._plain_claims[key] = self._plain_claim_query(finished_ids, most, slots)
+        return self._plain_claims[key]
 
-    @functools.cached_property
-    def _finish_and_plain_claim_sql(self) -> sa.Update:
-        finished = self._final_sql.cte("finished")
-        return self._plain_claim_query(finished_ids=sa.select(finished.c.id))
-
-    def _plain_claim_query(self, finished_ids: sa.Select | None = None) -> sa.Update:
+    def _plain_claim_query(self, finished_ids: sa.Select | None, most: int,
+                           slots: int) -> sa.Update:
         """Claim and start due jobs with the default needs, best first: at
         most `most` of them, as many as the node has default `slots` free,
         up to the first job with other needs; none when a job of the node
         has other needs. The candidates locked are the first `most`.
         Each row started also returns its place in the queue and the
         node's use (`in_use`) before the round."""
+        most_sql = sa.literal_column(str(int(most)), sa.Integer)
+        slots_sql = sa.literal_column(str(int(slots)), sa.Integer)
         in_use = sa.select(
             sa.func.count().label("jobs"),
             sa.func.coalesce(sa.func.bool_and(_default_needs(_active.c.needs)), True).label("plain"),
@@ -482,7 +580,7 @@ class Store:
         candidates = (
             sa.select(jobs.c.id, jobs.c.needs, jobs.c.priority, jobs.c.run_at)
             .where(*self._due())
-            .order_by(*_ORDER).limit(sa.bindparam("most"))
+            .order_by(*_ORDER).limit(most_sql)
             .with_for_update(skip_locked=True, of=jobs)
             .cte("candidates"))
         c = candidates.c
@@ -494,8 +592,8 @@ class Store:
             sa.not_(ranked.c.plain)).scalar_subquery()
         chosen = sa.select(ranked.c.id, ranked.c.place, in_use.c.jobs).where(
             in_use.c.plain,
-            ranked.c.place <= sa.bindparam("slots") - in_use.c.jobs,
-            ranked.c.place < sa.func.coalesce(first_other, sa.bindparam("most") + 1),
+            ranked.c.place <= slots_sql - in_use.c.jobs,
+            ranked.c.place < sa.func.coalesce(first_other, most_sql + 1),
         ).cte("chosen")
         return (self._claim_update(jobs.c.id == chosen.c.id, **self._start_values())
                 .returning(*_STARTED, chosen.c.place, chosen.c.jobs.label("in_use")))
@@ -625,9 +723,9 @@ class Store:
             chosen, _ = self._choose(conn, node, capacity, limit)
             if not chosen:
                 return started
-            rows = self._run(conn, self._claim_start_sql, ids=chosen, runner=runner_id,
-                             node_name=node).all()
-        by_id = {row.id: _started_job(row, runner_id, node) for row in rows}
+            rows = self._driver_run(conn, self._claim_start_sql, ids=chosen,
+                                    runner=runner_id, node_name=node)
+        by_id = {row[0]: self._started(row, runner_id, node) for row in rows}
         return started + [by_id[job_id] for job_id in chosen if job_id in by_id]
 
     def _plain_claim(self, conn: sa.Connection, runner_id: int, node: str,
@@ -640,21 +738,20 @@ class Store:
         from there."""
         slots = capacity.get("default", 0)
         most = slots if limit is None else min(slots, limit)
-        params: dict[str, Any] = {"runner": runner_id, "node_name": node, "slots": slots,
-                                  "most": most}
-        statement = self._plain_claim_sql
+        params: dict[str, Any] = {"runner": runner_id, "node_name": node}
         if finish:
-            statement = self._finish_and_plain_claim_sql
             params.update(self._final_params(runner_id, finish.ids, finish.outcome))
-        rows = sorted(self._run(conn, statement, **params).all(), key=lambda row: row.place)
-        started = [_started_job(row, runner_id, node) for row in rows]
-        free = min(most, slots - rows[0].in_use) if rows else None
+        statement = self._plain_claim_sql(finish is not None, most, slots)
+        rows = sorted(self._driver_run(conn, statement, **params), key=lambda row: row[8])
+        started = [self._started(row, runner_id, node) for row in rows]
+        free = min(most, slots - rows[0][9]) if rows else None  # place, in_use
         return started, free is not None and len(started) >= free
 
     def _final(self, conn: sa.Connection, runner_id: int, ids: list[int],
                outcome: Outcome) -> list[int]:
-        return list(self._run(conn, self._final_sql,
-                              **self._final_params(runner_id, ids, outcome)).scalars())
+        rows = self._driver_run(conn, self._final_sql,
+                                **self._final_params(runner_id, ids, outcome))
+        return [job_id for job_id, in rows]
 
     @staticmethod
     def _final_params(runner_id: int, ids: list[int], outcome: Outcome) -> dict[str, Any]:
@@ -676,14 +773,20 @@ class Store:
         # count of crashes in a row starts again.
         return (
             sa.update(jobs)
-            .where(jobs.c.id.in_(sa.bindparam("ids", expanding=True)),
-                   jobs.c.runner_id == sa.bindparam("runner"),
+            .where(self._id_in_ids(), jobs.c.runner_id == sa.bindparam("runner"),
                    _status_is(jobs.c.status, _RUNNING))
             .values(status=status, finished_at=now, updated_at=now, crashes=0,
                     output=sa.bindparam("b_output"), error=sa.bindparam("b_error"),
                     peak_rss_kb=sa.func.coalesce(sa.bindparam("b_peak_rss_kb", type_=sa.BigInteger),
                                                  jobs.c.peak_rss_kb))
             .returning(jobs.c.id))
+
+    def _id_in_ids(self) -> sa.ColumnElement:
+        """`jobs.id` in the `ids` parameter: one array on PostgreSQL, so one
+        prepared statement serves any number of ids."""
+        if self.is_postgres:
+            return jobs.c.id == sa.any_(sa.bindparam("ids", type_=sa.ARRAY(sa.BigInteger)))
+        return jobs.c.id.in_(sa.bindparam("ids", expanding=True))
 
     def _retry(self, conn: sa.Connection, runner_id: int, job: Job, outcome: Outcome,
                retry_in: float) -> list[int]:
@@ -982,13 +1085,6 @@ class Listener(threading.Thread):
         self._stopped.set()
 
 
-def _started_job(row: sa.Row, runner_id: int, node: str) -> Job:
-    """A job the runner just started, from the columns it needs."""
-    return Job(id=row.id, action=row.action, params=row.params or {}, status=Status.RUNNING,
-               priority=row.priority, attempt=row.attempt, retries=row.retries,
-               timeout=row.timeout, needs=needs_of(row.needs), runner_id=runner_id, node=node)
-
-
 def _job(row: sa.Row) -> Job:
     values = row._asdict()
     values["status"] = Status(values["status"])
@@ -999,10 +1095,47 @@ def _job(row: sa.Row) -> Job:
     return Job(**values)
 
 
-def _describe(exc: sa_exc.DBAPIError) -> str:
-    """One line about a driver error, without the SQL or any password."""
-    text = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
-    return f"database error: {text}"
+def _describe(exc: Exception) -> str:
+    """One line about a driver error (raw, or wrapped by SQLAlchemy),
+    without the SQL or any password."""
+    orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    lines = str(orig).strip().splitlines() if orig else []
+    return f"database error: {lines[0] if lines else type(exc).__name__}"
+
+
+def _compile_for_driver(statement: sa.Executable, dialect: sa.Dialect, ids: int,
+                        prepare: bool) -> _DriverSql:
+    """See `_DriverSql`. PostgreSQL's text is compiled with $1..$n for a
+    PREPARE, each parameter typed as SQLAlchemy types it ('unknown' lets
+    the server infer one)."""
+    if prepare:
+        dialect = type(dialect)(paramstyle="numeric_dollar")
+    compiled = statement.compile(dialect=dialect)
+    # Render what SQLAlchemy leaves to execution time: IN lists of values,
+    # and an expanding `ids` as ids_1 .. ids_n (taken from the list in order).
+    required = {name for name, bind in compiled.binds.items() if bind.required}
+    given = {name: [0] * ids if name == "ids" else 0 for name in required}
+    expanded = compiled.construct_expanded_state(compiled.construct_params(given))
+    sql, names = expanded.statement, tuple(expanded.positiontup)
+    fixed = {name: value for name, value in expanded.parameters.items()
+             if name not in required and not name.startswith("ids_")}
+    binds = {name: bind.type.dialect_impl(dialect) for name, bind in compiled.binds.items()}
+    processors = {name: process for name, impl in binds.items()
+                  if (process := impl.bind_processor(dialect)) is not None}
+    fixed = {name: processors[name](value) if name in processors and value is not None else value
+             for name, value in fixed.items()}
+    if not prepare:
+        return _DriverSql(sql, names, fixed, processors)
+    types = []
+    for name in names:
+        try:
+            types.append(binds[name].compile(dialect) if name in binds else "unknown")
+        except sa_exc.CompileError:  # no type of its own (NullType)
+            types.append("unknown")
+    name = "runjobs_" + hashlib.sha1(sql.encode()).hexdigest()[:16]
+    prepare_sql = f"PREPARE {name} ({', '.join(types)}) AS {sql}"
+    execute = f"EXECUTE {name} ({', '.join(['%s'] * len(names))})" if names else f"EXECUTE {name}"
+    return _DriverSql(execute, names, fixed, processors, prepare_sql, name)
 
 
 # -- building a store -------------------------------------------------------------

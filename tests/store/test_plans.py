@@ -40,6 +40,15 @@ def sent(store):
 
 def plan(store, statement: str, parameters) -> str:
     prefix = "EXPLAIN " if store.is_postgres else "EXPLAIN QUERY PLAN "
+    if statement.startswith("EXECUTE "):
+        # A statement the round prepared on its own connection: ask there,
+        # for the plan PostgreSQL would now use for it.
+        driver = store._round_conn.connection.driver_connection
+        with driver.cursor() as cursor:
+            cursor.execute(prefix + statement, parameters)
+            rows = cursor.fetchall()
+        driver.rollback()
+        return "\n".join(str(row[0]) for row in rows)
     raw = store.engine.raw_connection()
     try:
         cursor = raw.cursor()
@@ -93,7 +102,7 @@ def test_a_runner_round_is_served_by_indexes(busy_store):
         done = [(job, Outcome(Status.SUCCESS), None) for job in first]
         assert len(store.runner_round(runner, NODE, CAPACITY, done, claim=True)) == 8
     plans = [assert_indexed(store, s, p) for s, p in statements
-             if s.lstrip().upper().startswith(("SELECT", "UPDATE", "WITH"))]
+             if s.lstrip().upper().startswith(("SELECT", "UPDATE", "WITH", "EXECUTE"))]
     if store.is_postgres:
         # One statement: the outcomes (a CTE), the candidates, the claim.
         assert len(plans) == 1
@@ -124,3 +133,31 @@ def test_the_runners_other_statements_are_served_by_indexes(busy_store):
     for statement, parameters in statements:
         if statement.lstrip().upper().startswith(("SELECT", "UPDATE")):
             assert_indexed(store, statement, parameters)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("finish", [False, True], ids=["claim", "finish-and-claim"])
+def test_the_round_is_planned_once_on_postgresql(busy_store, finish):
+    """The round's one statement is prepared with its LIMIT written in, so
+    after PostgreSQL's five custom plans it runs on one generic plan: no
+    planning per round, half the round's server time. (SQLite keeps its
+    compiled statements in the driver's cache.)"""
+    store = busy_store
+    runner = store.runner_register(NODE, 1, None, None, "test")
+    started = store.runner_round(runner, NODE, CAPACITY, [], claim=True)
+    for _ in range(8):
+        done = [(job, Outcome(Status.SUCCESS), None) for job in started] if finish else []
+        if not finish:
+            store.jobs_finish(runner, [(job, Outcome(Status.SUCCESS), None) for job in started])
+        started = store.runner_round(runner, NODE, CAPACITY, done, claim=True)
+        assert len(started) == 8
+    driver = store._round_conn.connection.driver_connection
+    with driver.cursor() as cursor:
+        cursor.execute("SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")
+        prepared = cursor.fetchall()
+    driver.rollback()
+    rounds = [row for row in prepared if "FOR UPDATE OF jobs SKIP LOCKED" in row[0]
+              and ("CTE" in row[0] or "finished AS" in row[0]) == finish]
+    assert len(rounds) == 1, prepared
+    _, generic, custom = rounds[0]
+    assert custom <= 5 and generic >= 3, prepared

@@ -720,3 +720,55 @@ def test_sqlite_writer_lock_held_past_the_busy_timeout_is_a_store_error(tmp_path
     finally:
         holder.close()
         store.dispose()
+
+
+def test_a_round_failing_in_the_database_is_a_store_error_and_the_next_round_works(store):
+    """The round runs its statements on the driver's cursor. A driver error
+    there is a StoreError like any other, and a later round on a new
+    connection writes the outcomes and claims on."""
+    ids = [submit(store) for _ in range(4)]
+    runner = register(store)
+    started = store.runner_round(runner, "node-a", {"default": 2}, [], claim=True)
+    assert [job.id for job in started] == ids[:2]
+    done = [(job, Outcome(Status.SUCCESS), None) for job in started]
+    _break_round_connection(store)
+    with pytest.raises(StoreError, match="database error"):
+        store.runner_round(runner, "node-a", {"default": 2}, done, claim=True)
+    again = store.runner_round(runner, "node-a", {"default": 2}, done, claim=True)
+    assert [job.id for job in again] == ids[2:]
+    assert [status(store, job_id) for job_id in ids] == [Status.SUCCESS] * 2 + [Status.RUNNING] * 2
+
+
+def _break_round_connection(store: Store) -> None:
+    """Make every write on the round's own connection fail, while BEGIN and
+    ROLLBACK still work: a new connection is unharmed."""
+    driver = store._round_conn.connection.driver_connection
+    if store.is_postgres:
+        with driver.cursor() as cursor:
+            cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        driver.commit()
+    else:
+        driver.execute("CREATE TEMP TRIGGER no_writes BEFORE UPDATE ON jobs "
+                       "BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_new_round_connection_prepares_the_rounds_statements_again(store):
+    """PostgreSQL: prepared statements live in the session. When the round's
+    connection is cut (a server restart, a proxy), the next round prepares
+    on its new one instead of executing a name that session never saw."""
+    ids = [submit(store) for _ in range(6)]
+    runner = register(store)
+    capacity = {"default": 2}
+    started = store.runner_round(runner, "node-a", capacity, [], claim=True)
+    done = [(job, Outcome(Status.SUCCESS), None) for job in started]
+    started = store.runner_round(runner, "node-a", capacity, done, claim=True)  # prepares
+    pid = store._round_conn.connection.driver_connection.get_backend_pid()
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    done = [(job, Outcome(Status.SUCCESS), None) for job in started]
+    with pytest.raises(StoreError, match="database error"):
+        store.runner_round(runner, "node-a", capacity, done, claim=True)
+    again = store.runner_round(runner, "node-a", capacity, done, claim=True)
+    assert [job.id for job in again] == ids[4:]
+    assert [status(store, job_id) for job_id in ids[:4]] == [Status.SUCCESS] * 4
