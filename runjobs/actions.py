@@ -9,6 +9,7 @@ refused without importing anything.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import logging
 import os
@@ -65,9 +66,13 @@ class Action:
 class JobLog:
     """The job's own log file, opened only when something is written to it."""
 
-    def __init__(self, path: Path, access: Access) -> None:
-        self.path = path
+    def __init__(self, path: Path | str, access: Access) -> None:
+        self._where = path   # made a Path only for a job that logs: most never do
         self.access = access
+
+    @functools.cached_property
+    def path(self) -> Path:
+        return Path(self._where)
 
     def open_fd(self) -> int:
         """An append-mode descriptor; a new log gets the owner(-group) mode."""

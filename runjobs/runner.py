@@ -192,7 +192,7 @@ class Runner:
     def _launch(self, job: Job, action: Action | None) -> None:
         """Start the job's thread. An unregistered action (None) starts too,
         to fail at once without importing anything: a row names no code."""
-        job_log = JobLog(self._job_log_dir / f"{job.id}.log", self._access)
+        job_log = JobLog(f"{self._job_log_dir}{os.sep}{job.id}.log", self._access)
         context = JobContext(job.id, job.params, job.attempt, job_log,
                              self._report_progress)
         self.running[job.id] = RunningJob(job, action, context, time.monotonic())
