@@ -93,8 +93,11 @@ class Runner:
         self.stop_requested = False
         self._shutdown_at: float | None = None    # monotonic time of SIGTERM
         self.abandoned = 0                         # threads given up as unstoppable
-        self.wake = threading.Event()
-        self._done: queue.SimpleQueue[tuple[int, Outcome]] = queue.SimpleQueue()
+        # What wakes the loop: a job's outcome from its thread, or None for
+        # a NOTIFY or a stop request. One queue, not a queue and an Event:
+        # an Event.set per job cost a drain of short jobs a tenth of its time.
+        self._inbox: queue.SimpleQueue[tuple[int, Outcome] | None] = queue.SimpleQueue()
+        self._arrived: list[tuple[int, Outcome]] = []  # taken by a wait, not reaped yet
         self._unreported: list[tuple[Job, Outcome, float | None]] = []
         self._next_cancel_check = 0.0
         self._next_expire = 0.0
@@ -217,8 +220,7 @@ class Runner:
                 break
             except JobCanceled:
                 outcome = outcome or stopped_outcome(context.cancel_reason)
-        self._done.put((job_id, outcome))
-        self.wake.set()
+        self._inbox.put((job_id, outcome))
 
     def _execute(self, action: Action | None, context: JobContext, job_log: JobLog) -> Outcome:
         if action is None:
@@ -247,11 +249,7 @@ class Runner:
     def _reap(self) -> list[tuple[Job, Outcome, float | None]]:
         """Outcomes of the jobs that ended since the last round (no I/O)."""
         results = []
-        while True:
-            try:
-                job_id, outcome = self._done.get_nowait()
-            except queue.Empty:
-                break
+        for job_id, outcome in self._ended():
             entry = self.running.pop(job_id, None)
             if entry is None:  # given up as unstoppable; its outcome came too late
                 log.warning("job %s: its abandoned thread ended after all", job_id)
@@ -266,6 +264,17 @@ class Runner:
                 log.log(level, "job %s (%s) ended %s%s", job_id, entry.job.action,
                         outcome.status.value, f": {outcome.error}" if outcome.error else "")
         return results
+
+    def _ended(self) -> list[tuple[int, Outcome]]:
+        """The outcomes in the inbox, without waiting; wake-ups dropped."""
+        ended, self._arrived = self._arrived, []
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return ended
+            if item is not None:
+                ended.append(item)
 
     def _retry_in(self, job: Job, outcome: Outcome) -> float | None:
         if outcome.status is Status.FAILURE and outcome.retry and job.attempt <= job.retries:
@@ -393,7 +402,7 @@ class Runner:
         """From the listener thread: a job was submitted or a cancel asked."""
         if what == "cancel":
             self._next_cancel_check = 0.0
-        self.wake.set()
+        self._inbox.put(None)
 
     def _loop(self, deadline: float | None, once: bool,
               on_stop_claiming: Callable[[], None] | None) -> None:
@@ -402,9 +411,8 @@ class Runner:
                 self.stop_claiming()
                 if on_stop_claiming:
                     on_stop_claiming()
-            # Clear before the round, not after the wait: a job that ends
-            # during the round then still wakes the wait below.
-            self.wake.clear()
+            # A job that ends during the round stays in the inbox, so the
+            # wait below returns at once.
             round_at = time.monotonic()
             try:
                 result = self.tick()
@@ -418,17 +426,30 @@ class Runner:
                     self.stop_claiming()
                     continue
             if not result.full:  # full: more may be due, claim again at once
-                self.wake.wait(self._wait_time(deadline, round_at))
+                self._wait(self._wait_time(deadline, round_at))
             self._gather_endings()
+
+    def _wait(self, timeout: float) -> None:
+        """Until something is in the inbox (a job ended, a NOTIFY, a stop)
+        or `timeout` seconds; an outcome taken stays for the next reap."""
+        if self._arrived:
+            return
+        try:
+            item = self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        if item is not None:
+            self._arrived.append(item)
 
     def _gather_endings(self) -> None:
         """Once a job has ended, give the others a moment (GATHER) to end
         too: a round costs about the same for one outcome as for eight, so
         short jobs are recorded, and their slots refilled, in batches."""
-        if self._done.empty():
+        if not self._arrived and self._inbox.empty():
             return
         until = time.monotonic() + GATHER
-        while self._done.qsize() < len(self.running) and time.monotonic() < until:
+        while (len(self._arrived) + self._inbox.qsize() < len(self.running)
+               and time.monotonic() < until):
             time.sleep(GATHER / 10)
 
     def _nothing_active(self) -> bool:
@@ -478,7 +499,7 @@ class Runner:
             now -= self.settings.grace_period
         self._shutdown_at = now
         self.stop_requested = True
-        self.wake.set()
+        self._inbox.put(None)  # SimpleQueue.put may be called from a signal handler
 
 
 class _Workers:

@@ -43,6 +43,7 @@ _PENDING = (Status.PENDING.value,)
 _RUNNING = (Status.RUNNING.value, Status.TO_CANCEL.value)
 _TO_CANCEL = (Status.TO_CANCEL.value,)
 _ORDER = (jobs.c.priority.desc(), jobs.c.run_at, jobs.c.id)
+_PLAIN_OUTCOMES = {status: Outcome(status) for status in Status}  # only a status
 _active = jobs.alias("active")  # the node's QUEUED/RUNNING jobs, beside the candidates
 # The columns a runner needs of a job it starts.
 _STARTED = (jobs.c.id, jobs.c.action, jobs.c.params, jobs.c.priority, jobs.c.attempt,
@@ -682,7 +683,7 @@ class Store:
         for job, outcome, retry_in in results:
             if retry_in is not None:
                 written += self._retry(conn, runner_id, job, outcome, retry_in)
-            elif outcome == Outcome(outcome.status):  # a plain outcome: batch it
+            elif outcome == _PLAIN_OUTCOMES[outcome.status]:  # a plain outcome: batch it
                 groups.setdefault(outcome.status, []).append(job.id)
             else:
                 written += self._final(conn, runner_id, [job.id], outcome)
