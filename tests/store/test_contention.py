@@ -166,3 +166,31 @@ def test_processes_claim_each_job_exactly_once(store, environ, capacity, limit, 
                 proc.kill()
                 proc.wait()
     assert_each_claimed_once(store, all_ids, claimed)
+
+
+def test_one_new_key_submitted_from_many_threads_at_once_makes_one_job(store):
+    """Single submits of the same new key race between the check for an
+    open job and the insert; the loser meets the unique index and, trying
+    again, gets the winner's job. Every caller gets the one id, none an
+    error."""
+    threads, keys = 6, 25
+    barrier = threading.Barrier(threads)
+    got: dict[str, set[int]] = {f"key-{n}": set() for n in range(keys)}
+    errors: list[BaseException] = []
+
+    def submit_all() -> None:
+        try:
+            barrier.wait()
+            for key in got:
+                got[key].add(store.jobs_submit([JobSpec("noop", key=key)])[0].id)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=submit_all) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert not errors, errors
+    assert all(len(ids) == 1 for ids in got.values()), got
+    assert len(store.jobs_list(limit=1000)) == keys
