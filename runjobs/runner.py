@@ -31,6 +31,7 @@ log = logging.getLogger("runjobs.runner")
 
 MAX_BACKOFF = 3600.0
 GATHER = 0.001       # seconds a round waits for more jobs to end once one has
+POLL_SLACK = 0.02    # seconds (at most a 20th of poll_interval) an idle round comes early
 
 
 def cycle_deadline(now: float, period: float, margin: float) -> float:
@@ -463,8 +464,12 @@ class Runner:
         """Until the next round: poll_interval from the start of the last
         one (monotonic `round_at`), so a job due just after a round waits at
         most poll_interval, not that plus the round; sooner while jobs run
-        and at the deadline."""
-        wait = self.settings.poll_interval - (time.monotonic() - round_at)
+        and at the deadline. A little sooner still (POLL_SLACK): the work a
+        round does before its claim (a few ms, more when it expires jobs or
+        looks for dead runners) varies, and must not push a job's wait past
+        the interval."""
+        interval = self.settings.poll_interval
+        wait = interval - min(POLL_SLACK, interval / 20) - (time.monotonic() - round_at)
         if self.running:
             wait = min(wait, 0.5)  # timeouts and cancels are checked each round
         if self.claiming and deadline:
