@@ -128,15 +128,17 @@ class Runner:
         started: list[Job] = []
         batch = self._unreported + finished
         try:
-            self._deliver_cancels()
-            self._maintain()
+            asked = self._deliver_cancels()
+            asked = self._maintain() or asked
             claim = self.claiming and slots > 0
             if batch or claim:
                 # Outcomes, claim and start in one transaction.
                 started = self.store.runner_round(self.runner_id, self.settings.node,
                                                   self.settings.capacity, batch, claim, slots)
                 self._unreported = []
-            self._database_ok()
+                asked = True
+            if asked:  # only an answer says the database is back, not a round without a query
+                self._database_ok()
         except StoreError as exc:
             # Keep the running jobs and their outcomes; claim nothing until
             # the database is back.
@@ -179,12 +181,15 @@ class Runner:
         used = usage(r.job.needs for r in self.running.values())
         return sum(max(0, n - used.get(k, 0)) for k, n in self.settings.capacity.items())
 
-    def _maintain(self) -> None:
-        """Now and then: expire what missed its start, rescue dead runners."""
+    def _maintain(self) -> bool:
+        """Now and then: expire what missed its start, rescue dead runners.
+        Whether it asked the database anything."""
         now = time.monotonic()
+        asked = False
         if self.claiming and now >= self._next_expire:
             self._next_expire = now + self.settings.poll_interval * 5
             expired = self.store.jobs_expire()
+            asked = True
             if expired:
                 log.info("runner %s: %d job(s) expired", self.runner_id, expired)
         if now >= self._next_rescue:
@@ -192,6 +197,8 @@ class Runner:
             from .rescue import rescue_once
 
             rescue_once(self.store, self.settings, self.boot_id, self.runner_id)
+            asked = True
+        return asked
 
     def _launch(self, job: Job, action: Action | None) -> None:
         """Start the job's thread. An unregistered action (None) starts too,
@@ -311,13 +318,17 @@ class Runner:
             if entry.stop_at is not None and now - entry.stop_at > grace + 2:
                 self._give_up(entry)
 
-    def _deliver_cancels(self) -> None:
+    def _deliver_cancels(self) -> bool:
+        """Stop the running jobs a person canceled (checked every 0.5 s at
+        most). Whether it asked the database."""
         now = time.monotonic()
-        if self.running and now >= self._next_cancel_check:
-            self._next_cancel_check = now + min(self.settings.poll_interval, 0.5)
-            for job_id in self.store.jobs_canceling(self.runner_id):
-                if job_id in self.running:
-                    self._stop(self.running[job_id], "canceled")
+        if not self.running or now < self._next_cancel_check:
+            return False
+        self._next_cancel_check = now + min(self.settings.poll_interval, 0.5)
+        for job_id in self.store.jobs_canceling(self.runner_id):
+            if job_id in self.running:
+                self._stop(self.running[job_id], "canceled")
+        return True
 
     def _timeout_of(self, entry: RunningJob) -> float | None:
         if entry.job.timeout is not None:

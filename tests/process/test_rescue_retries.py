@@ -349,3 +349,36 @@ def test_submit_wakes_an_idle_runner_within_a_second(environ, store):
     finally:
         runner.kill()
         runner.wait(timeout=10)
+
+
+@pg_only
+def test_a_round_that_asks_nothing_does_not_declare_the_database_back(environ, store, caplog):
+    """While the database is away, a round that sends no query (every slot
+    busy, no job ended, no check due) knows nothing new: it must not log
+    'database available again' and then, failing at once, 'unavailable'
+    anew. The runner says each once per outage."""
+    from runjobs.actions import Registry
+    from runjobs.runner import Runner
+
+    configure(environ, "capacity = {default = 1}\n")
+    settings = load_settings(environ)
+    runner = Runner(settings, store, Registry(settings))
+    runner.register(None)
+    Client(settings).submit("sleep", {"seconds": 3})
+    assert runner.tick().started == 1
+    url = environ["RUNJOBS_DATABASE_URL"]
+    caplog.set_level("INFO", logger="runjobs.runner")
+    allow_connections(url, False)
+    try:
+        runner._next_cancel_check = 0.0  # a query is due: it fails
+        runner.tick()
+        later = time.monotonic() + 60  # no check due either: the next round asks nothing
+        runner._next_cancel_check = runner._next_expire = runner._next_rescue = later
+        runner.tick()  # the job still runs, no slot is free
+    finally:
+        allow_connections(url, True)
+    runner._next_cancel_check = 0.0
+    runner.tick()
+    said = [r.getMessage() for r in caplog.records if "database" in r.getMessage()]
+    assert [("unavailable" in m, "available again" in m) for m in said] == [
+        (True, False), (False, True)], said
