@@ -364,7 +364,7 @@ def test_a_round_that_asks_nothing_does_not_declare_the_database_back(environ, s
     settings = load_settings(environ)
     runner = Runner(settings, store, Registry(settings))
     runner.register(None)
-    Client(settings).submit("sleep", {"seconds": 3})
+    Client(settings).submit("sleep", {"seconds": 2})
     assert runner.tick().started == 1
     url = environ["RUNJOBS_DATABASE_URL"]
     caplog.set_level("INFO", logger="runjobs.runner")
@@ -382,3 +382,6 @@ def test_a_round_that_asks_nothing_does_not_declare_the_database_back(environ, s
     said = [r.getMessage() for r in caplog.records if "database" in r.getMessage()]
     assert [("unavailable" in m, "available again" in m) for m in said] == [
         (True, False), (False, True)], said
+    # Let the job end and be reaped here: its log file is closed then.
+    wait_for(lambda: runner.tick() and not runner.running, timeout=15,
+             message="the job ended and was recorded")
