@@ -228,10 +228,23 @@ class Store:
     def _tx(self) -> Iterator[sa.Connection]:
         """One transaction; driver errors leave as StoreError."""
         try:
-            with self.engine.begin() as conn:
+            with self.engine.begin() as conn, self._dropped_if_lost(conn):
                 yield conn
         except (sa_exc.DBAPIError, self._driver_error) as exc:
             raise StoreError(_describe(exc)) from exc
+
+    @contextlib.contextmanager
+    def _dropped_if_lost(self, conn: sa.Connection) -> Iterator[None]:
+        """A statement on the driver's cursor that finds its connection gone
+        (a server restart): invalidate the connection here, as SQLAlchemy
+        does for its own statements, so the pool does not try to reset it
+        (logging a traceback) or hand it out again."""
+        try:
+            yield
+        except self._driver_error as exc:
+            if self.engine.dialect.is_disconnect(exc, conn.connection.driver_connection, None):
+                conn.invalidate(exc)
+            raise
 
     @contextlib.contextmanager
     def _autocommit(self) -> Iterator[sa.Connection]:
@@ -240,7 +253,7 @@ class Store:
         option (the isolation level set, then reset on return) cost about
         60 us a submit."""
         try:
-            with self.engine.connect() as conn:
+            with self.engine.connect() as conn, self._dropped_if_lost(conn):
                 driver = conn.connection.driver_connection
                 if not self.is_postgres:  # sqlite3 runs in autocommit mode (see _on_connect)
                     yield conn
@@ -249,7 +262,8 @@ class Store:
                 try:
                     yield conn
                 finally:
-                    driver.autocommit = False
+                    if not driver.closed:
+                        driver.autocommit = False
         except (sa_exc.DBAPIError, self._driver_error) as exc:
             raise StoreError(_describe(exc)) from exc
 

@@ -772,3 +772,35 @@ def test_a_new_round_connection_prepares_the_rounds_statements_again(store):
     again = store.runner_round(runner, "node-a", capacity, done, claim=True)
     assert [job.id for job in again] == ids[4:]
     assert [status(store, job_id) for job_id in ids[:4]] == [Status.SUCCESS] * 4
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_pooled_connections_cut_under_a_submit_or_a_finish_are_dropped_quietly(store, caplog):
+    """A single submit and a finish run on the driver's cursor too. When the
+    server has cut their pooled connection, the call is one StoreError; the
+    connection is dropped then and there, not reset by the pool (which
+    logs a traceback to stderr, mailed by cron), and the next call works."""
+    runner = register(store)
+    job = store.jobs_submit([JobSpec("noop")])[0]
+    started = store.runner_round(runner, "node-a", CAPACITY, [], claim=True)
+    assert [j.id for j in started] == [job.id]
+    caplog.set_level("WARNING")
+    for call in (lambda: store.jobs_submit([JobSpec("noop")]),
+                 lambda: store.jobs_finish(runner, [(started[0], Outcome(Status.SUCCESS), None)])):
+        call()  # the pool now holds a connection that has prepared the statement
+        killer = sa.create_engine(store.engine.url, poolclass=sa.pool.NullPool)
+        with killer.begin() as conn:
+            cut = conn.execute(sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
+                "current_database() AND pid <> pg_backend_pid()")).all()
+        killer.dispose()
+        assert cut
+        outcomes = []
+        for _ in range(3):
+            try:
+                call()
+                outcomes.append("ok")
+            except StoreError:
+                outcomes.append("error")
+        assert outcomes[1:] == ["ok", "ok"], outcomes
+    assert not [r for r in caplog.records if r.name.startswith("sqlalchemy")], caplog.text
