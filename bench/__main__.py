@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "notes": notes + [
             "ceiling: plain SQL on the runjobs jobs table (fresh database from the migrations, "
             "all indexes) with triggers off (session_replication_role = replica on "
-            "PostgreSQL, the insert trigger dropped on SQLite); drain ceilings are "
+            "PostgreSQL; SQLite has no insert trigger since migration 0004); drain ceilings are "
             "PostgreSQL only"],
         "results": results,
         "ratios": {k: _ratios(results[k]) for k in kinds},

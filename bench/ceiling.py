@@ -102,7 +102,6 @@ def plain_insert(db: Db, count: int) -> float:
         conn = sqlite3.connect(sqlite_path(db.url), isolation_level=None)
         for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000"):
             conn.execute(f"PRAGMA {pragma}")
-        conn.execute("DROP TRIGGER jobs_event_insert")  # this database is thrown away after
         now = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
         sql = ("INSERT INTO jobs (action, params, status, run_at, created_at, updated_at) "
                f"VALUES ('noop', '{{}}', 'PENDING', {now}, {now}, {now}) RETURNING id")

@@ -940,13 +940,25 @@ class Store:
         return Status(value)
 
     def job_events(self, job_id: int) -> list[Event]:
+        """The job's timeline, oldest first; empty for an unknown job.
+
+        A submit stores no event (migration 0004): its line is built from
+        the job's row, with the status the job's first change started from.
+        A job submitted before 0004 has it stored, as the event with no
+        previous status."""
         with self._tx() as conn:
+            job = conn.execute(sa.select(jobs.c.created_at, jobs.c.status)
+                               .where(jobs.c.id == job_id)).first()
             rows = conn.execute(
                 sa.select(job_events).where(job_events.c.job_id == job_id)
                 .order_by(job_events.c.id)
             ).all()
-        return [Event(r.at, Status(r.status), Status(r.previous) if r.previous else None,
-                      r.runner_id, r.attempt, r.note) for r in rows]
+        changes = [Event(r.at, Status(r.status), Status(r.previous) if r.previous else None,
+                         r.runner_id, r.attempt, r.note) for r in rows]
+        if job is None or (changes and changes[0].previous is None):
+            return changes
+        first = changes[0].previous if changes else Status(job.status)
+        return [Event(job.created_at, first, None, None, 0, None), *changes]
 
     def jobs_list(self, statuses: Sequence[Status] = (), action: str | None = None,
                   limit: int = 50) -> list[Job]:

@@ -199,7 +199,7 @@ def test_0003_drops_the_events_key_and_a_deleted_job_still_takes_its_events(bare
     migrate.upgrade(bare_store, "0002")
     (old,) = bare_store.jobs_submit([JobSpec("noop")])
     assert [fk["referred_table"] for fk in _event_fks(bare_store)] == ["jobs"]
-    migrate.upgrade(bare_store)
+    migrate.upgrade(bare_store, "0003")
     assert schema_diff(bare_store) == []
     assert _event_fks(bare_store) == []
     (kept,) = bare_store.jobs_submit([JobSpec("noop")])
@@ -225,7 +225,7 @@ def test_0003_events_of_many_jobs_in_one_statement_keep_each_timeline(bare_store
     """On PostgreSQL, 0003 writes a statement's events at once from its
     transition tables: each job's timeline must still read in order, and a
     hand-written UPDATE is recorded like the store's."""
-    migrate.upgrade(bare_store)
+    migrate.upgrade(bare_store, "0003")
     submitted = bare_store.jobs_submit([JobSpec("noop") for _ in range(5)])
     runner = bare_store.runner_register("node-a", 1, None, None, "test")
     started = bare_store.runner_round(runner, "node-a", {"default": 5}, [], claim=True)
@@ -243,3 +243,50 @@ def test_0003_events_of_many_jobs_in_one_statement_keep_each_timeline(bare_store
     assert (by_hand.previous, by_hand.status, by_hand.note) == (
         Status.SUCCESS, Status.PENDING, "by hand")
     assert len(bare_store.job_events(submitted[1].id)) == 4
+
+
+def _stored_events(store: Store, job_id: int) -> list[tuple]:
+    with store.engine.connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT previous, status FROM job_events WHERE job_id = :id ORDER BY id"),
+            {"id": job_id}).all()
+
+
+def test_0004_a_submit_stores_no_event_and_its_timeline_still_starts_with_it(bare_store):
+    """At 0004 the submit's event is read from the job's row: its first
+    status is where its first change started. A job submitted before keeps
+    its stored event, shown once. Down again, submits store theirs."""
+    migrate.upgrade(bare_store, "0003")
+    (old,) = bare_store.jobs_submit([JobSpec("noop")])
+    migrate.upgrade(bare_store)
+    assert schema_diff(bare_store) == []
+    new, held = bare_store.jobs_submit([JobSpec("noop"), JobSpec("noop", hold=True)])
+    (single,) = bare_store.jobs_submit([JobSpec("noop")])  # the one-INSERT path
+    for job in (new, held, single):
+        assert _stored_events(bare_store, job.id) == []
+
+    def timeline(job_id):
+        return [(e.previous, e.status, e.runner_id, e.attempt, e.note)
+                for e in bare_store.job_events(job_id)]
+
+    pending = (None, Status.PENDING, None, 0, None)
+    assert timeline(old.id) == timeline(new.id) == timeline(single.id) == [pending]
+    assert timeline(held.id) == [(None, Status.HELD, None, 0, None)]
+    first = bare_store.job_events(new.id)[0]
+    assert first.at == bare_store.job_get(new.id).created_at
+
+    runner = bare_store.runner_register("node-a", 1, None, None, "test")
+    started = bare_store.runner_round(runner, "node-a", {"default": 3}, [], claim=True)
+    assert sorted(job.id for job in started) == [old.id, new.id, single.id]
+    for job_id in (old.id, new.id):
+        assert [(p, s) for p, s, *_ in timeline(job_id)] == [
+            (None, Status.PENDING), (Status.PENDING, Status.QUEUED),
+            (Status.QUEUED, Status.RUNNING)]
+    bare_store.job_cancel(held.id)
+    assert [(p, s) for p, s, *_ in timeline(held.id)] == [
+        (None, Status.HELD), (Status.HELD, Status.CANCELED)]
+    assert bare_store.job_events(10**9) == []
+
+    migrate.downgrade(bare_store, "0003")
+    (after,) = bare_store.jobs_submit([JobSpec("noop")])
+    assert _stored_events(bare_store, after.id) == [(None, "PENDING")]
