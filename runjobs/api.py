@@ -31,10 +31,11 @@ def build_spec(registry: Registry, action: str, params: Mapping[str, Any] | None
     """
     registered = registry.require(action)
     params = dict(params or {})
-    try:
-        json.dumps(params, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"params: not JSON: {exc}") from None
+    if params:
+        try:
+            json.dumps(params, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"params: not JSON: {exc}") from None
     for name, value in (("run_at", run_at), ("max_start_at", max_start_at)):
         if value is not None and (not isinstance(value, dt.datetime) or value.tzinfo is None):
             raise UsageError(f"{name}: expected a datetime with a time zone, got {value!r}")

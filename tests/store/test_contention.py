@@ -194,3 +194,39 @@ def test_one_new_key_submitted_from_many_threads_at_once_makes_one_job(store):
     assert not errors, errors
     assert all(len(ids) == 1 for ids in got.values()), got
     assert len(store.jobs_list(limit=1000)) == keys
+
+
+def test_single_submits_from_many_threads_share_the_kept_connection_safely(store):
+    """A single submit runs on the connection the store keeps for it, or,
+    while another thread uses that one, on one from the pool in autocommit.
+    From six threads at once every submit stores its own job, and no pooled
+    connection is handed back in autocommit: a later transaction on it
+    would commit each statement by itself."""
+    threads, each = 6, 150
+    barrier = threading.Barrier(threads)
+    ids: list[int] = []
+    errors: list[BaseException] = []
+
+    def submit_all() -> None:
+        try:
+            barrier.wait()
+            mine = [store.jobs_submit([JobSpec("noop")])[0].id for _ in range(each)]
+            ids.extend(mine)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=submit_all) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert not errors, errors
+    assert len(set(ids)) == threads * each
+    assert len(store.jobs_list([Status.PENDING], limit=10_000)) == threads * each
+    if store.is_postgres:
+        pooled = [store.engine.connect() for _ in range(threads)]
+        try:
+            assert [c.connection.driver_connection.autocommit for c in pooled] == [False] * threads
+        finally:
+            for conn in pooled:
+                conn.close()
