@@ -200,7 +200,6 @@ def test_0003_drops_the_events_key_and_a_deleted_job_still_takes_its_events(bare
     (old,) = bare_store.jobs_submit([JobSpec("noop")])
     assert [fk["referred_table"] for fk in _event_fks(bare_store)] == ["jobs"]
     migrate.upgrade(bare_store, "0003")
-    assert schema_diff(bare_store) == []
     assert _event_fks(bare_store) == []
     (kept,) = bare_store.jobs_submit([JobSpec("noop")])
     assert [e.status for e in bare_store.job_events(old.id)] == [Status.PENDING]
@@ -290,3 +289,65 @@ def test_0004_a_submit_stores_no_event_and_its_timeline_still_starts_with_it(bar
     migrate.downgrade(bare_store, "0003")
     (after,) = bare_store.jobs_submit([JobSpec("noop")])
     assert _stored_events(bare_store, after.id) == [(None, "PENDING")]
+
+
+def _rows(store: Store, table: str) -> list[tuple]:
+    with store.engine.connect() as conn:
+        return conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY id")).all()
+
+
+def _cron_fire_index(store: Store) -> tuple[bool, str | None]:
+    """(is a unique constraint, the unique index's WHERE) of ux_jobs_cron_fire."""
+    with store.engine.connect() as conn:
+        inspector = sa.inspect(conn)
+        constraint = any(u["name"] == "ux_jobs_cron_fire"
+                         for u in inspector.get_unique_constraints("jobs"))
+        where = [i["dialect_options"].get(f"{conn.dialect.name}_where")
+                 for i in inspector.get_indexes("jobs") if i["name"] == "ux_jobs_cron_fire"]
+    return constraint, (str(where[0]) if where and where[0] is not None else None)
+
+
+def test_0005_indexes_cron_jobs_only_and_keeps_every_row_link_and_trigger(bare_store):
+    """0005 makes ux_jobs_cron_fire a unique index over cron jobs; SQLite
+    rebuilds jobs for it. Rows, rerun links and events survive both ways,
+    the triggers still record and delete events, and a cron still fires
+    once per time."""
+    migrate.upgrade(bare_store, "0004")
+    runner = bare_store.runner_register("node-a", 1, None, None, "test")
+    (first,) = bare_store.jobs_submit([JobSpec("noop", {"n": 1})])
+    (started,) = bare_store.runner_round(runner, "node-a", {"default": 1}, [], claim=True)
+    bare_store.jobs_finish(runner, [(started, Outcome(Status.SUCCESS), None)])
+    rerun, cron_job = bare_store.jobs_submit([JobSpec("noop", rerun_of=first.id), JobSpec("noop")])
+    fire = {"id": cron_job.id, "at": "2026-11-22 10:00:00"}
+    with bare_store.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO crons (id, name, schedule, action, params, created_at) "
+                             "VALUES (7, 'nightly', '0 3 * * *', 'noop', '{}', :at)"), fire)
+        conn.execute(sa.text("UPDATE jobs SET cron_id = 7, cron_fire_at = :at WHERE id = :id"), fire)
+    jobs_before, events_before = _rows(bare_store, "jobs"), _rows(bare_store, "job_events")
+    assert _cron_fire_index(bare_store) == (True, None)
+
+    migrate.upgrade(bare_store)
+    assert schema_diff(bare_store) == []
+    constraint, where = _cron_fire_index(bare_store)
+    assert not constraint and "cron_id IS NOT NULL" in where
+    assert _rows(bare_store, "jobs") == jobs_before
+    assert _rows(bare_store, "job_events") == events_before
+    assert bare_store.job_get(rerun.id).rerun_of == first.id
+    with pytest.raises(sa.exc.IntegrityError), bare_store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE jobs SET cron_id = 7, cron_fire_at = :at WHERE id = :id"),
+                     {**fire, "id": rerun.id})
+    # The triggers came back: a claim is recorded, a deleted job takes its events.
+    bare_store.runner_round(runner, "node-a", {"default": 2}, [], claim=True)
+    assert [e.status for e in bare_store.job_events(rerun.id)] == [
+        Status.PENDING, Status.QUEUED, Status.RUNNING]
+    with bare_store.engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM jobs WHERE id = :id"), {"id": first.id})
+    assert bare_store.job_events(first.id) == []
+    assert bare_store.job_get(rerun.id).rerun_of is None  # ON DELETE SET NULL still holds
+
+    jobs_before = _rows(bare_store, "jobs")
+    migrate.downgrade(bare_store, "0004")
+    assert _cron_fire_index(bare_store) == (True, None)
+    assert _rows(bare_store, "jobs") == jobs_before
+    migrate.upgrade(bare_store)
+    assert schema_diff(bare_store) == []
