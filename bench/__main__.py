@@ -115,11 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {kind: {} for kind in kinds}
     code_before = _code_hash()
     try:
+        paired = {"drain", "growth"} <= set(args.only)
         for workload in args.only:
-            repeat = size["repeat"]
-            if workload == "growth":
-                repeat = _growth_repeats(results, kinds, size, started, notes)
+            if paired and workload == "growth":
+                continue  # run with the drains, below
             for kind in kinds:
+                if paired and workload == "drain":
+                    results[kind].update(_run_pairs(targets[kind], size, started, notes))
+                    continue
+                repeat = size["repeat"]
+                if workload == "growth":
+                    repeat = _growth_repeats(results, [kind], size, started, notes)
                 results[kind][workload] = _run(targets[kind], workload, size, repeat)
     finally:
         for target in targets.values():
@@ -155,31 +161,75 @@ def main(argv: list[str] | None = None) -> int:
 def _run(target: Target, workload: str, size: dict, repeat: int) -> dict:
     """`repeat` runs of one workload, each on a fresh database; the median
     of each figure."""
-    runs, error = [], None
+    runs = []
     for _ in range(repeat):
-        began = time.monotonic()
-        print(f"bench: {target.kind} {workload} ...", end=" ", flush=True)
-        try:
-            with target.fresh() as db:
-                if workload == "drain":
-                    figures = workloads.drain(db, size["drain"])
-                elif workload == "growth":
-                    figures = workloads.drain(db, size["drain"], preload=size["growth"])
-                elif workload == "submit":
-                    figures = workloads.submit(db, size["submit"])
-                elif workload == "latency":
-                    figures = workloads.latency(db, size["latency"])
-                elif workload == "cycle":
-                    figures = workloads.cycle(db)
-                else:
-                    figures = ceiling(db, size["ceiling"], size["insert"])
-        except Exception as exc:  # keep going: the other workloads still say something
-            error = f"{type(exc).__name__}: {exc}"
-            print(f"FAILED: {error}")
-            break
-        figures["run_s"] = time.monotonic() - began
+        figures = _run_once(target, workload, size)
+        if isinstance(figures, str):
+            return _entry(runs, figures)
         runs.append(figures)
-        print(f"{figures['run_s']:.1f} s")
+    return _entry(runs)
+
+
+def _run_pairs(target: Target, size: dict, started: float, notes: list[str]) -> dict:
+    """The drain and the growth drain in turns (drain, growth, drain, ...),
+    each on a fresh database, so that the two of a pair meet the machine in
+    the same state: their ratio is a target, and whatever ran just before
+    (the other database's drains and checkpoints) weighed on whichever
+    workload came next. Fewer pairs than `repeat` if the time budget ends
+    first (said in the notes); an error ends both workloads."""
+    drains: list[dict] = []
+    growths: list[dict] = []
+    error = None
+    for _ in range(size["repeat"]):
+        if growths and not _time_left(drains[-1]["run_s"] + growths[-1]["run_s"], size, started):
+            notes.append(f"{target.kind}: {len(growths)} drain and growth pair(s) instead of "
+                         f"{size['repeat']} to stay within the {size['budget']} s budget")
+            print("bench: " + notes[-1])
+            break
+        for workload, runs in (("drain", drains), ("growth", growths)):
+            figures = _run_once(target, workload, size)
+            if isinstance(figures, str):
+                error = figures
+                break
+            runs.append(figures)
+        if error:
+            break
+    return {"drain": _entry(drains, error), "growth": _entry(growths, error)}
+
+
+def _time_left(seconds: float, size: dict, started: float) -> bool:
+    return size["budget"] - (time.monotonic() - started) >= seconds
+
+
+def _run_once(target: Target, workload: str, size: dict) -> dict | str:
+    """One run on a fresh database: its figures, or what went wrong."""
+    began = time.monotonic()
+    print(f"bench: {target.kind} {workload} ...", end=" ", flush=True)
+    try:
+        with target.fresh() as db:
+            if workload == "drain":
+                figures = workloads.drain(db, size["drain"])
+            elif workload == "growth":
+                figures = workloads.drain(db, size["drain"], preload=size["growth"])
+            elif workload == "submit":
+                figures = workloads.submit(db, size["submit"])
+            elif workload == "latency":
+                figures = workloads.latency(db, size["latency"])
+            elif workload == "cycle":
+                figures = workloads.cycle(db)
+            else:
+                figures = ceiling(db, size["ceiling"], size["insert"])
+    except Exception as exc:  # keep going: the other workloads still say something
+        error = f"{type(exc).__name__}: {exc}"
+        print(f"FAILED: {error}")
+        return error
+    figures["run_s"] = time.monotonic() - began
+    print(f"{figures['run_s']:.1f} s")
+    return figures
+
+
+def _entry(runs: list[dict], error: str | None = None) -> dict:
+    """A workload's runs and the median of each figure."""
     entry: dict = {"runs": runs}
     if runs:
         entry["median"] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
