@@ -54,6 +54,18 @@ class UtcDateTime(sa.TypeDecorator):
         value = value.astimezone(dt.timezone.utc)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
+    def bind_processor(self, dialect):
+        """SQLite: the text SQLAlchemy's DATETIME stores ('2026-11-22
+        10:00:00.000000'), written by isoformat: SQLAlchemy's own formatting
+        took 2 us of a 30 us single submit."""
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+
+        def process(value):
+            value = self.process_bind_param(value, dialect)
+            return None if value is None else value.isoformat(" ", "microseconds")
+        return process
+
     def process_result_value(self, value, dialect):
         if value is None:
             return None
