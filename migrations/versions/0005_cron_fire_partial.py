@@ -9,9 +9,11 @@ same (NULLs never conflicted) and costs other jobs nothing.
 
 SQLite cannot drop a table's UNIQUE constraint, so jobs is rebuilt: its
 CREATE TABLE without the constraint, the rows copied, its indexes and
-triggers made again from their own SQL. The rename comes first, in legacy
-mode, so that no foreign key is rewritten to name the old table and
-dropping it sets no rerun_of to NULL. This reads every job once.
+triggers made again from their own SQL. The old table is renamed first:
+its key on itself (rerun_of) follows it, so dropping it, which with
+foreign keys on deletes its rows first, sets rerun_of to NULL only in the
+old rows, never in the copies. This reads and writes every job once: 8 s
+for a million finished jobs on our machine, in the upgrade's transaction.
 
 Revision ID: 0005
 Revises: 0004
@@ -77,13 +79,12 @@ def _sqlite_rebuild_jobs(edit: Callable[[str], str]) -> None:
     for kind, name, _ in rest:
         if kind == "trigger":
             op.execute(f"DROP TRIGGER {name}")
-    op.execute("PRAGMA legacy_alter_table = ON")
-    try:
-        op.execute("ALTER TABLE jobs RENAME TO jobs_old")  # its indexes go with it
-        op.execute(edit(create_table))
-        op.execute("INSERT INTO jobs SELECT * FROM jobs_old")
-        op.execute("DROP TABLE jobs_old")
-    finally:
-        op.execute("PRAGMA legacy_alter_table = OFF")
+    op.execute("ALTER TABLE jobs RENAME TO jobs_old")  # its indexes go with it
+    op.execute(edit(create_table))
+    op.execute("INSERT INTO jobs SELECT * FROM jobs_old")
+    # Each row the drop deletes looks for reruns of it in jobs_old itself:
+    # without an index, a scan per row (a million jobs took over ten minutes).
+    op.execute("CREATE INDEX jobs_old_rerun_of ON jobs_old (rerun_of)")
+    op.execute("DROP TABLE jobs_old")
     for _, _, sql in rest:
         op.execute(sql)
