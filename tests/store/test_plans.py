@@ -135,6 +135,24 @@ def test_the_runners_other_statements_are_served_by_indexes(busy_store):
             assert_indexed(store, statement, parameters)
 
 
+def test_deleting_a_job_finds_its_reruns_by_index(busy_store):
+    """rerun_of's ON DELETE SET NULL looks up the reruns of every deleted job.
+    These are the lookups each database makes for it: a scan of jobs there
+    made deleting old jobs by hand quadratic (2,000 of 200,000 took 48 s on
+    SQLite and 17 s on PostgreSQL; 0.01 s with ix_jobs_rerun_of)."""
+    store = busy_store
+    (original,) = store.jobs_submit([JobSpec("noop")])
+    (rerun,) = store.jobs_submit([JobSpec("noop", rerun_of=original.id)])
+    if store.is_postgres:  # what PostgreSQL's referential-action trigger runs
+        lookup = "UPDATE ONLY jobs SET rerun_of = NULL WHERE %s = rerun_of"
+    else:  # SQLite's child-key search
+        lookup = "SELECT 1 FROM jobs WHERE rerun_of = ?"
+    assert "ix_jobs_rerun_of" in assert_indexed(store, lookup, (original.id,))
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM jobs WHERE id = :id"), {"id": original.id})
+    assert store.job_get(rerun.id).rerun_of is None
+
+
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 @pytest.mark.parametrize("finish", [False, True], ids=["claim", "finish-and-claim"])
 def test_the_round_is_planned_once_on_postgresql(busy_store, finish):
