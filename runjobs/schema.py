@@ -63,6 +63,8 @@ class UtcDateTime(sa.TypeDecorator):
             return super().bind_processor(dialect)
 
         def process(value):
+            if value is not None and value.tzinfo is dt.timezone.utc:  # utcnow()'s: most times
+                return value.isoformat(" ", "microseconds")[:-6]  # less '+00:00'
             value = self.process_bind_param(value, dialect)
             return None if value is None else value.isoformat(" ", "microseconds")
         return process
