@@ -90,36 +90,53 @@ def _drain(db: Db, jobs: int, batch: int) -> float:
     return jobs / elapsed
 
 
-def plain_insert(db: Db, count: int) -> float:
+class PlainInserts:
     """Single-row INSERTs of a PENDING job, each its own transaction, from
-    one connection: what a submit costs with no engine around it."""
-    if db.is_postgres:
-        conn = _pg(db)
-        sql = ("INSERT INTO jobs (action, params, status, run_at, created_at, updated_at) "
-               "VALUES ('noop', '{}', 'PENDING', now(), now(), now()) RETURNING id")
-    else:
-        # The same pragmas as runjobs' own connections (runjobs/store.py).
-        conn = sqlite3.connect(sqlite_path(db.url), isolation_level=None)
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000"):
-            conn.execute(f"PRAGMA {pragma}")
-        now = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
-        sql = ("INSERT INTO jobs (action, params, status, run_at, created_at, updated_at) "
-               f"VALUES ('noop', '{{}}', 'PENDING', {now}, {now}, {now}) RETURNING id")
-    try:
-        cursor = conn.cursor()
+    one connection kept open: what a submit costs with no engine around it."""
+
+    def __init__(self, db: Db) -> None:
+        self.is_postgres = db.is_postgres
+        if db.is_postgres:
+            self.conn = _pg(db)
+            self.sql = ("INSERT INTO jobs (action, params, status, run_at, created_at, "
+                        "updated_at) VALUES ('noop', '{}', 'PENDING', now(), now(), now()) "
+                        "RETURNING id")
+        else:
+            # The same pragmas as runjobs' own connections (runjobs/store.py).
+            self.conn = sqlite3.connect(sqlite_path(db.url), isolation_level=None)
+            for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000"):
+                self.conn.execute(f"PRAGMA {pragma}")
+            now = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+            self.sql = ("INSERT INTO jobs (action, params, status, run_at, created_at, "
+                        f"updated_at) VALUES ('noop', '{{}}', 'PENDING', {now}, {now}, {now}) "
+                        "RETURNING id")
+
+    def seconds(self, count: int) -> float:
+        """The time `count` inserts took."""
+        cursor = self.conn.cursor()
         start = time.perf_counter()
         for _ in range(count):
-            if not db.is_postgres:
+            if not self.is_postgres:
                 cursor.execute("BEGIN IMMEDIATE")
-            cursor.execute(sql)
+            cursor.execute(self.sql)
             cursor.fetchone()
-            if db.is_postgres:
-                conn.commit()
+            if self.is_postgres:
+                self.conn.commit()
             else:
                 cursor.execute("COMMIT")
-        return count / (time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def plain_insert(db: Db, count: int) -> float:
+    """Plain inserts per second (see PlainInserts)."""
+    inserts = PlainInserts(db)
+    try:
+        return count / inserts.seconds(count)
     finally:
-        conn.close()
+        inserts.close()
 
 
 def ceiling(db: Db, jobs: int, inserts: int) -> dict[str, float]:
