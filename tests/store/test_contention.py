@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -168,30 +169,40 @@ def test_processes_claim_each_job_exactly_once(store, environ, capacity, limit, 
     assert_each_claimed_once(store, all_ids, claimed)
 
 
+def in_threads_at_once(count: int, work: Callable[[], None]) -> list[BaseException]:
+    """`work` in `count` threads released together by a barrier; what they
+    raised."""
+    barrier = threading.Barrier(count)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            barrier.wait()
+            work()
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    workers = [threading.Thread(target=run) for _ in range(count)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    return errors
+
+
 def test_one_new_key_submitted_from_many_threads_at_once_makes_one_job(store):
     """Single submits of the same new key race between the check for an
     open job and the insert; the loser meets the unique index and, trying
     again, gets the winner's job. Every caller gets the one id, none an
     error."""
-    threads, keys = 6, 25
-    barrier = threading.Barrier(threads)
+    keys = 25
     got: dict[str, set[int]] = {f"key-{n}": set() for n in range(keys)}
-    errors: list[BaseException] = []
 
     def submit_all() -> None:
-        try:
-            barrier.wait()
-            for key in got:
-                got[key].add(store.jobs_submit([JobSpec("noop", key=key)])[0].id)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for key in got:
+            got[key].add(store.jobs_submit([JobSpec("noop", key=key)])[0].id)
 
-    workers = [threading.Thread(target=submit_all) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=60)
-    assert not errors, errors
+    assert in_threads_at_once(6, submit_all) == []
     assert all(len(ids) == 1 for ids in got.values()), got
     assert len(store.jobs_list(limit=1000)) == keys
 
@@ -203,24 +214,12 @@ def test_single_submits_from_many_threads_share_the_kept_connection_safely(store
     connection is handed back in autocommit: a later transaction on it
     would commit each statement by itself."""
     threads, each = 6, 150
-    barrier = threading.Barrier(threads)
     ids: list[int] = []
-    errors: list[BaseException] = []
 
     def submit_all() -> None:
-        try:
-            barrier.wait()
-            mine = [store.jobs_submit([JobSpec("noop")])[0].id for _ in range(each)]
-            ids.extend(mine)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        ids.extend(store.jobs_submit([JobSpec("noop")])[0].id for _ in range(each))
 
-    workers = [threading.Thread(target=submit_all) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=60)
-    assert not errors, errors
+    assert in_threads_at_once(threads, submit_all) == []
     assert len(set(ids)) == threads * each
     assert len(store.jobs_list([Status.PENDING], limit=10_000)) == threads * each
     if store.is_postgres:
