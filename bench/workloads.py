@@ -117,10 +117,10 @@ def submit(db: Db, jobs: int, blocks: int = 5) -> dict[str, float]:
     api_s = plain_s = 0.0
     try:
         for block in range(blocks):
-            count = jobs // blocks + (1 if block < jobs % blocks else 0)
-            plain_s += plain.seconds(count)
+            size = jobs // blocks + (1 if block < jobs % blocks else 0)
+            plain_s += plain.seconds(size)
             start = time.perf_counter()
-            for _ in range(count):
+            for _ in range(size):
                 client.submit("noop")
             api_s += time.perf_counter() - start
     finally:
