@@ -7,16 +7,23 @@ from pathlib import Path
 from .errors import RunjobsError
 from .store import Store
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+def migrations_dir() -> Path:
+    """The Alembic scripts: the runjobs.migrations package, which an install
+    (wheel or editable) maps from the checkout's migrations/ folder."""
+    from . import migrations
+
+    return Path(migrations.__file__).resolve().parent
 
 
 def _config(connection=None):
     from alembic.config import Config
 
-    if not (MIGRATIONS / "env.py").is_file():
-        raise RunjobsError(f"migrations not found at {MIGRATIONS}: install runjobs from its checkout")
+    location = migrations_dir()
+    if not (location / "env.py").is_file():
+        raise RunjobsError(f"migrations not found at {location}: reinstall runjobs")
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("script_location", str(location))
     config.attributes["connection"] = connection
     return config
 

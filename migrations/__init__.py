@@ -1,0 +1,1 @@
+"""Alembic migrations, shipped inside the runjobs package as runjobs.migrations."""

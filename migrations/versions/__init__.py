@@ -1,0 +1,1 @@
+"""Alembic revisions; Alembic loads them by path, this file makes them ship in the wheel."""
