@@ -1,5 +1,5 @@
 """Callables the tests register as actions (importable as tests.sample_actions
-with the repository on PYTHONPATH, which bin/runjobs.sh and the fixtures set)."""
+with the repository on PYTHONPATH, which the fixtures set)."""
 
 import os
 import time
