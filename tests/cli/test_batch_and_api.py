@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import sqlalchemy as sa
 
 import runjobs
+from runjobs.config import pg_url
 from runjobs.api import Client
 from runjobs.errors import UsageError
 from runjobs.models import Status
@@ -98,9 +100,23 @@ def test_module_level_submit_uses_the_configured_settings(environ):
 
 
 def test_connect_takes_a_database_url(db_url, tmp_path, monkeypatch):
-    monkeypatch.setenv("RUNJOBS_HOME", str(tmp_path / "elsewhere"))
+    """The URL given wins over the environment's database (here one in
+    another home): the job is found in the database the URL names, by a
+    connection of its own, and nothing is written elsewhere."""
+    elsewhere = tmp_path / "elsewhere"
+    monkeypatch.setenv("RUNJOBS_HOME", str(elsewhere))
+    monkeypatch.setenv("RUNJOBS_DATABASE_URL", f"sqlite:///{elsewhere / 'other.db'}")
+    monkeypatch.delenv("RUNJOBS_CONFIG", raising=False)
     client = runjobs.connect(db_url)
     try:
-        assert client.get(client.submit("noop")).status is Status.PENDING
+        job_id = client.submit("noop", {"marker": "connect"})
+        assert client.get(job_id).status is Status.PENDING
     finally:
         client.close()
+    engine = sa.create_engine(pg_url(db_url), poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT action, params FROM jobs WHERE id = :id"),
+                              {"id": job_id}).one()
+    engine.dispose()
+    assert stored.action == "noop" and "connect" in str(stored.params)
+    assert not (elsewhere / "other.db").exists()

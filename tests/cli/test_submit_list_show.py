@@ -104,9 +104,14 @@ def test_same_key_returns_the_same_job_and_says_when_params_differ(environ, stor
 
 def test_a_key_is_free_again_once_its_job_is_final(environ, store):
     first = submit(environ, "noop", "--key", "k")
+    assert submit(environ, "noop", "--key", "k") == first  # open: the same job
     store.job_cancel(first)
     second = submit(environ, "noop", "--key", "k")
     assert second != first
+    # The new job holds the key now: the next submit returns it, not a third.
+    assert submit(environ, "noop", "--key", "k") == second
+    assert store.job_get(second).key == "k"
+    assert [j.id for j in store.jobs_list()] == [second, first]
 
 
 # -- list -------------------------------------------------------------------------
