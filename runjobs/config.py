@@ -67,10 +67,6 @@ class Settings:
     actions: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
-    @property
     def job_log_dir(self) -> Path:
         return self.log_dir / "jobs"
 

@@ -25,7 +25,8 @@ from .config import Settings
 from .errors import StoreError
 from .executor import execute, stopped_outcome
 from .models import Job, Outcome, Status
-from .store import Store, usage
+from .capacity import usage
+from .store import Store
 
 log = logging.getLogger("runjobs.runner")
 

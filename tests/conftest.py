@@ -128,3 +128,8 @@ def show_job(environ: dict[str, str], job_id: int) -> dict:
     result = cli(environ, "show", str(job_id), "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def is_postgres(store: Store) -> bool:
+    """For tests whose SQL (EXPLAIN, catalogue queries) differs by database."""
+    return store.dialect.name == "postgresql"

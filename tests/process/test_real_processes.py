@@ -327,6 +327,6 @@ def test_an_idle_cycle_imports_only_what_its_database_needs(environ, store, sett
                 if line.startswith("import time:") and "|" in line}
     assert "runjobs.store" in imported and "sqlalchemy" in imported  # the check can see
     unwanted = {"alembic"}
-    unwanted |= ({"sqlalchemy.dialects.postgresql", "psycopg2"} if settings.is_sqlite
+    unwanted |= ({"sqlalchemy.dialects.postgresql", "psycopg2"} if settings.database_url.startswith("sqlite")
                  else {"sqlalchemy.dialects.sqlite"})
     assert not unwanted & imported, sorted(unwanted & imported)

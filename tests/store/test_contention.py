@@ -21,8 +21,10 @@ from typing import Callable
 
 import pytest
 
+from tests.conftest import is_postgres
 from runjobs.models import JobSpec, Outcome, Status
-from runjobs.store import Store, needs_of, open_store
+from runjobs.capacity import needs_of
+from runjobs.store import Store, open_store
 
 WORKER = Path(__file__).resolve().parent / "claim_worker.py"
 
@@ -222,7 +224,7 @@ def test_single_submits_from_many_threads_share_the_kept_connection_safely(store
     assert in_threads_at_once(threads, submit_all) == []
     assert len(set(ids)) == threads * each
     assert len(store.jobs_list([Status.PENDING], limit=10_000)) == threads * each
-    if store.is_postgres:
+    if is_postgres(store):
         pooled = [store.engine.connect() for _ in range(threads)]
         try:
             assert [c.connection.driver_connection.autocommit for c in pooled] == [False] * threads

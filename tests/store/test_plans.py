@@ -17,6 +17,7 @@ import re
 import pytest
 import sqlalchemy as sa
 
+from tests.conftest import is_postgres
 from runjobs.models import JobSpec, Outcome, Status
 
 NODE = "node-a"
@@ -39,7 +40,7 @@ def sent(store):
 
 
 def plan(store, statement: str, parameters) -> str:
-    prefix = "EXPLAIN " if store.is_postgres else "EXPLAIN QUERY PLAN "
+    prefix = "EXPLAIN " if is_postgres(store) else "EXPLAIN QUERY PLAN "
     if statement.startswith("EXECUTE "):
         # A statement the round prepared on its own connection: ask there,
         # for the plan PostgreSQL would now use for it.
@@ -57,14 +58,14 @@ def plan(store, statement: str, parameters) -> str:
     finally:
         raw.rollback()
         raw.close()
-    return "\n".join(str(row[0] if store.is_postgres else row[-1]) for row in rows)
+    return "\n".join(str(row[0] if is_postgres(store) else row[-1]) for row in rows)
 
 
 def assert_indexed(store, statement: str, parameters) -> str:
     """No full scan of jobs and no sort: each statement reads only the rows
     it is about."""
     text = plan(store, statement, parameters)
-    if store.is_postgres:
+    if is_postgres(store):
         assert not re.search(r"Seq Scan on jobs|Sort|Bitmap", _without_candidates_sort(text)), \
             f"{statement}\n{text}"
     else:
@@ -103,7 +104,7 @@ def test_a_runner_round_is_served_by_indexes(busy_store):
         assert len(store.runner_round(runner, NODE, CAPACITY, done, claim=True)) == 8
     plans = [assert_indexed(store, s, p) for s, p in statements
              if s.lstrip().upper().startswith(("SELECT", "UPDATE", "WITH", "EXECUTE"))]
-    if store.is_postgres:
+    if is_postgres(store):
         # One statement: the outcomes (a CTE), the candidates, the claim.
         assert len(plans) == 1
         candidates = claim = plans[0]
@@ -113,7 +114,7 @@ def test_a_runner_round_is_served_by_indexes(busy_store):
         finish, candidates, claim = plans
     assert "ix_jobs_pending" in candidates and "ix_jobs_active" in candidates
     # The claim finds its 8 rows by id, not by walking the pending index.
-    if store.is_postgres:
+    if is_postgres(store):
         assert re.search(r"Index Scan using jobs_pkey on jobs .*\n\s+Index Cond: \(id = ranked\.id\)",
                          claim), claim
         assert claim.count("ix_jobs_pending") == 1, claim  # the candidates' scan only
@@ -143,7 +144,7 @@ def test_deleting_a_job_finds_its_reruns_by_index(busy_store):
     store = busy_store
     (original,) = store.jobs_submit([JobSpec("noop")])
     (rerun,) = store.jobs_submit([JobSpec("noop", rerun_of=original.id)])
-    if store.is_postgres:  # what PostgreSQL's referential-action trigger runs
+    if is_postgres(store):  # what PostgreSQL's referential-action trigger runs
         lookup = "UPDATE ONLY jobs SET rerun_of = NULL WHERE %s = rerun_of"
     else:  # SQLite's child-key search
         lookup = "SELECT 1 FROM jobs WHERE rerun_of = ?"

@@ -18,7 +18,7 @@ from runjobs.config import load_settings
 from runjobs.errors import Conflict, NotFound, StoreError
 from runjobs.models import JobSpec, Outcome, Status
 from runjobs.store import Store, open_store
-from tests.conftest import write_config
+from tests.conftest import is_postgres, write_config
 
 CAPACITY = {"default": 10}
 
@@ -743,7 +743,7 @@ def _break_round_connection(store: Store) -> None:
     """Make every write on the round's own connection fail, while BEGIN and
     ROLLBACK still work: a new connection is unharmed."""
     driver = store._round_conn.connection.driver_connection
-    if store.is_postgres:
+    if is_postgres(store):
         with driver.cursor() as cursor:
             cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
         driver.commit()

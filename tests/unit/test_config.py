@@ -51,7 +51,7 @@ def test_defaults(home):
     assert s.retention == 30 * 86400 and s.retry_backoff == 10
     assert s.timezone is None and s.warning_exit_codes == ()
     assert dict(s.actions) == {}
-    assert s.is_sqlite
+    assert s.database_url.startswith("sqlite:")
     assert (s.file_mode, s.dir_mode) == (0o600, 0o700)
 
 
@@ -215,7 +215,7 @@ def test_an_action_needs_exactly_one_of_callable_or_command(home, text):
 def test_postgresql_url_means_psycopg2(home):
     s = load_settings(env(home, database_url="postgresql://u:pw@db.example:5432/jobs"))
     assert s.database_url == "postgresql+psycopg2://u:pw@db.example:5432/jobs"
-    assert not s.is_sqlite
+    assert not s.database_url.startswith("sqlite")
     from_file = load_settings(with_file(home, 'database_url = "postgresql://h/j"\n'))
     assert from_file.database_url == "postgresql+psycopg2://h/j"
 

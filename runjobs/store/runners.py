@@ -1,0 +1,169 @@
+"""Runners: their rows (register, heartbeat, state), and the rescue of a
+dead runner's jobs in one transaction. Whether a runner is dead is decided
+in runjobs.rescue; this module writes what follows from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any, Sequence
+
+import sqlalchemy as sa
+
+from ..models import Status
+from ..schema import ACTIVE_STATUSES, jobs, runners
+from .connections import Connections
+from .shared import held_by, status_is
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerRow:
+    id: int
+    node: str
+    pid: int
+    boot_id: str | None
+    state: str
+    started_at: dt.datetime
+    heartbeat_at: dt.datetime
+    deadline: dt.datetime | None
+    exited_at: dt.datetime | None
+    version: str | None
+    heartbeat_age: float
+    running: tuple[int, ...]
+
+
+
+class RunnerQueries(Connections):
+    def runner_register(self, node: str, pid: int, boot_id: str | None,
+                        deadline: dt.datetime | None, version: str) -> int:
+        with self._tx() as conn:
+            now = self.dialect.now()
+            return conn.execute(
+                sa.insert(runners)
+                .values(node=node, pid=pid, boot_id=boot_id, state="claiming",
+                        started_at=now, heartbeat_at=now, deadline=deadline, version=version)
+                .returning(runners.c.id)
+            ).scalar_one()
+
+    def runner_heartbeat(self, runner_id: int) -> None:
+        with self._tx() as conn:
+            conn.execute(sa.update(runners).where(runners.c.id == runner_id)
+                         .values(heartbeat_at=self.dialect.now()))
+
+    def runner_set_state(self, runner_id: int, state: str) -> None:
+        with self._tx() as conn:
+            now = self.dialect.now()
+            values: dict[str, Any] = {"state": state, "heartbeat_at": now}
+            if state == "exited":
+                values["exited_at"] = now
+            conn.execute(sa.update(runners).where(runners.c.id == runner_id).values(**values))
+
+    def runners_list(self, limit: int = 100) -> list[RunnerRow]:
+        with self._read_tx() as conn:
+            now = self.db_now(conn)
+            rows = conn.execute(
+                sa.select(runners).order_by(runners.c.id.desc()).limit(limit)).all()
+            active = conn.execute(
+                sa.select(jobs.c.runner_id, jobs.c.id)
+                .where(status_is(jobs.c.status, ACTIVE_STATUSES),
+                       jobs.c.runner_id.in_([r.id for r in rows]))
+                .order_by(jobs.c.id)).all()
+        running: dict[int, list[int]] = {}
+        for runner_id, job_id in active:
+            running.setdefault(runner_id, []).append(job_id)
+        return [RunnerRow(**r._asdict(),
+                          heartbeat_age=(now - r.heartbeat_at).total_seconds(),
+                          running=tuple(running.get(r.id, ()))) for r in rows]
+
+    # -- rescue of dead runners -------------------------------------------------
+
+    def runners_alive(self) -> list[RunnerRow]:
+        """Runners not known to have ended (claiming or draining), with
+        their heartbeat age on the database's clock."""
+        with self._read_tx() as conn:
+            now = self.db_now(conn)
+            rows = conn.execute(
+                sa.select(runners).where(runners.c.state.in_(["claiming", "draining"]))
+                .order_by(runners.c.id)).all()
+        return [RunnerRow(**r._asdict(), heartbeat_age=(now - r.heartbeat_at).total_seconds(),
+                          running=()) for r in rows]
+
+    def node_boot_ids(self, node: str) -> str | None:
+        """The boot id of the newest runner of `node`: its host's current boot."""
+        with self._read_tx() as conn:
+            return conn.execute(
+                sa.select(runners.c.boot_id).where(runners.c.node == node)
+                .order_by(runners.c.id.desc()).limit(1)).scalar()
+
+    def runner_rescue(self, runner_id: int, reason: str, crash_limit: int,
+                      count_crash: bool, stale_after: float | None = None
+                      ) -> dict[str, list[int]] | None:
+        """Declare a runner dead and rescue its jobs, in one transaction.
+
+        QUEUED -> PENDING; TO_CANCEL -> CANCELED; RUNNING -> PENDING as a retry
+        when retries are left, else ABANDONED; a job that took its runner
+        down `crash_limit` times in a row -> ABANDONED. Returns the job ids by
+        what happened to them, or None if another runner rescued it first
+        (or, with `stale_after`, if its heartbeat is no longer that old: the
+        decision is re-checked in the same statement that makes it).
+        """
+        with self._tx() as conn:
+            now = self.dialect.now()
+            where = [runners.c.id == runner_id, runners.c.state.in_(["claiming", "draining"])]
+            if stale_after is not None:
+                where.append(runners.c.heartbeat_at < self.dialect.now_plus(-stale_after))
+            claimed = conn.execute(
+                sa.update(runners).where(*where)
+                .values(state="dead", exited_at=now).returning(runners.c.id)).first()
+            if claimed is None:
+                return None
+            mine = held_by(runner_id)
+            requeued = self._rescue_update(conn, mine, Status.QUEUED, dict(
+                status=Status.PENDING.value, runner_id=None, node=None, queued_at=None))
+            canceled = self._rescue_update(conn, mine, Status.TO_CANCEL, dict(
+                status=Status.CANCELED.value, finished_at=now,
+                error=f"canceled; {reason} before the job stopped"))
+            crashes = jobs.c.crashes + (1 if count_crash else 0)
+            poison = crashes >= crash_limit
+            retried = self._rescue_update(
+                conn, sa.and_(mine, jobs.c.attempt <= jobs.c.retries, sa.not_(poison)),
+                Status.RUNNING, dict(status=Status.PENDING.value, runner_id=None, node=None,
+                                     queued_at=None, run_at=now, crashes=crashes,
+                                     error=f"{reason} while the job ran; retried"))
+            poisoned = self._rescue_update(conn, sa.and_(mine, poison), Status.RUNNING, dict(
+                status=Status.ABANDONED.value, finished_at=now, crashes=crashes,
+                error=sa.literal(f"{reason} while the job ran; it took its runner down ")
+                + sa.cast(crashes, sa.String) + " times in a row: not retried again"))
+            abandoned = self._rescue_update(conn, mine, Status.RUNNING, dict(
+                status=Status.ABANDONED.value, finished_at=now, crashes=crashes,
+                error=f"{reason} while the job ran; no retries left"))
+        return {"requeued": requeued, "canceled": canceled, "retried": retried,
+                "abandoned": poisoned + abandoned}
+
+    def jobs_reconcile(self, runner_id: int, running_ids: Sequence[int]) -> int:
+        """After the database came back: this runner's jobs that the database
+        shows QUEUED or RUNNING but that it is not running (a claim or start
+        whose answer was lost) go back to PENDING, their attempt undone;
+        TO_CANCEL ones end CANCELED. Returns how many were put right."""
+        with self._tx() as conn:
+            now = self.dialect.now()
+            mine = sa.and_(held_by(runner_id), jobs.c.id.not_in(list(running_ids)))
+            back = conn.execute(
+                sa.update(jobs)
+                .where(mine, jobs.c.status.in_([Status.QUEUED.value, Status.RUNNING.value]))
+                .values(status=Status.PENDING.value, runner_id=None, node=None, queued_at=None,
+                        started_at=None, updated_at=now,
+                        attempt=sa.case((jobs.c.status == Status.RUNNING.value,
+                                         jobs.c.attempt - 1), else_=jobs.c.attempt))).rowcount
+            canceled = conn.execute(
+                sa.update(jobs).where(mine, jobs.c.status == Status.TO_CANCEL.value)
+                .values(status=Status.CANCELED.value, finished_at=now, updated_at=now,
+                        error="canceled while its runner had lost the database")).rowcount
+        return back + canceled
+
+    def _rescue_update(self, conn: sa.Connection, where, status: Status,
+                       values: dict[str, Any]) -> list[int]:
+        return list(conn.execute(
+            sa.update(jobs).where(where, jobs.c.status == status.value)
+            .values(updated_at=self.dialect.now(), **values).returning(jobs.c.id)).scalars())
+
