@@ -40,8 +40,9 @@ _EXPIRY = sa.text(status_sql(("PENDING",)) + " AND max_start_at IS NOT NULL")
 class UtcDateTime(sa.TypeDecorator):
     """Aware UTC datetimes in and out, on both databases.
 
-    PostgreSQL stores timestamptz; SQLite has no time zone, so the value is
-    stored as naive UTC and made aware again when read.
+    How the database stores them (PostgreSQL's timestamptz; naive UTC text
+    on SQLite, which has no time zone) is the store's dialect seam's
+    business: `runjobs.store.dialect`, asked by the SQLAlchemy dialect's name.
     """
 
     impl = sa.DateTime(timezone=True)
@@ -52,22 +53,11 @@ class UtcDateTime(sa.TypeDecorator):
             return None
         if value.tzinfo is None:
             raise ValueError(f"naive datetime {value!r}: runjobs stores aware UTC times")
-        value = value.astimezone(dt.timezone.utc)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        return _seam(dialect).time_to_store(value.astimezone(dt.timezone.utc))
 
     def bind_processor(self, dialect):
-        """SQLite: the text SQLAlchemy's DATETIME stores ('2026-11-22
-        10:00:00.000000'), written by isoformat: SQLAlchemy's own formatting
-        took 2 us of a 30 us single submit."""
-        if dialect.name != "sqlite":
-            return super().bind_processor(dialect)
-
-        def process(value):
-            if value is not None and value.tzinfo is dt.timezone.utc:  # utcnow()'s: most times
-                return value.isoformat(" ", "microseconds")[:-6]  # less '+00:00'
-            value = self.process_bind_param(value, dialect)
-            return None if value is None else value.isoformat(" ", "microseconds")
-        return process
+        return _seam(dialect).time_bind_processor(self, dialect) \
+            or super().bind_processor(dialect)
 
     def process_result_value(self, value, dialect):
         if value is None:
@@ -75,6 +65,14 @@ class UtcDateTime(sa.TypeDecorator):
         if value.tzinfo is None:
             return value.replace(tzinfo=dt.timezone.utc)
         return value.astimezone(dt.timezone.utc)
+
+
+def _seam(dialect: sa.Dialect):
+    """The store's dialect object for SQLAlchemy's `dialect` (imported here,
+    not at the top: the store imports this module)."""
+    from .store.dialect import dialect_named
+
+    return dialect_named(dialect.name)
 
 
 # BIGINT ids on PostgreSQL; SQLite's autoincrement needs INTEGER PRIMARY KEY.

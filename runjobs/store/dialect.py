@@ -91,6 +91,15 @@ class Dialect:
         them); SQLite's write lock already keeps them out."""
         return query
 
+    def time_to_store(self, value: dt.datetime) -> dt.datetime:
+        """An aware UTC time as the database stores it (schema.UtcDateTime)."""
+        return value
+
+    def time_bind_processor(self, utc_type: sa.TypeDecorator,
+                            sa_dialect: sa.Dialect) -> Callable[[Any], Any] | None:
+        """A faster bind processor for UtcDateTime, or None for SQLAlchemy's."""
+        return None
+
 
 class SQLite(Dialect):
     """One host: its clock is the database's; writers queue on the file."""
@@ -132,6 +141,21 @@ class SQLite(Dialect):
 
     def json_from_driver(self, value: Any) -> Any:
         return None if value is None else json_loads(value)
+
+    def time_to_store(self, value: dt.datetime) -> dt.datetime:
+        return value.replace(tzinfo=None)  # no time zone in SQLite: naive UTC
+
+    def time_bind_processor(self, utc_type: sa.TypeDecorator,
+                            sa_dialect: sa.Dialect) -> Callable[[Any], Any]:
+        """The text SQLAlchemy's DATETIME stores ('2026-11-22
+        10:00:00.000000'), written by isoformat: SQLAlchemy's own formatting
+        took 2 us of a 30 us single submit."""
+        def process(value):
+            if value is not None and value.tzinfo is dt.timezone.utc:  # utcnow()'s: most times
+                return value.isoformat(" ", "microseconds")[:-6]  # less '+00:00'
+            value = utc_type.process_bind_param(value, sa_dialect)
+            return None if value is None else value.isoformat(" ", "microseconds")
+        return process
 
     def json_array(self, column: sa.ColumnElement) -> sa.ColumnElement:
         return sa.func.json_group_array(sa.func.json(column), type_=sa.JSON)
@@ -211,16 +235,23 @@ class PostgreSQL(Dialect):
         return column == sa.any_(sa.bindparam("ids", type_=sa.ARRAY(sa.BigInteger)))
 
 
+_DIALECTS = {"sqlite": SQLite(), "postgresql": PostgreSQL()}
+
+
 def dialect_for(database_url: str) -> Dialect:
     """The dialect of a database URL; ConfigError for one runjobs does not
     support. The one place that tells the two databases apart."""
     scheme = database_url.partition(":")[0].partition("+")[0]
-    dialects = {"sqlite": SQLite, "postgresql": PostgreSQL}
-    if scheme not in dialects:
+    if scheme not in _DIALECTS:
         raise ConfigError(f"database_url: runjobs supports sqlite:// and postgresql:// URLs, "
                           f"not {scheme}://")
     use_dialect(scheme)
-    return dialects[scheme]()
+    return _DIALECTS[scheme]
+
+
+def dialect_named(name: str) -> Dialect:
+    """The dialect of SQLAlchemy's dialect `name` (for schema.UtcDateTime)."""
+    return _DIALECTS[name]
 
 
 def _create_file(path: Path, settings: Settings) -> None:

@@ -12,6 +12,7 @@ inside functions, which is where runjobs imports lazily):
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,24 @@ def test_the_cli_and_the_api_use_only_what_the_store_exports(name):
 def test_the_rules_see_imports_inside_functions():
     """The runner imports rescue lazily, inside a method: the walk finds it."""
     assert "runjobs.rescue" in {target for target, _ in imports_of(MODULES["runner"])}
+
+
+# A decision by database, spelled any of the ways it was spelled before the
+# seam: only runjobs/store/dialect.py may make one.
+DIALECT_DECISION = re.compile(
+    r"\bis_postgres\b|\bis_sqlite\b|dialect\.name\s*[!=]=|[!=]=\s*['\"](sqlite|postgresql)['\"]")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if n != "store.dialect"))
+def test_no_module_but_the_dialect_seam_tells_the_databases_apart(name):
+    found = [line.strip() for line in MODULES[name].read_text().splitlines()
+             if DIALECT_DECISION.search(line)]
+    assert not found, f"runjobs.{name} decides by database: {found}"
+
+
+def test_the_seam_is_where_the_decisions_are():
+    """The pattern does find the decisions: the seam itself is full of them."""
+    text = MODULES["store.dialect"].read_text()
+    assert DIALECT_DECISION.search('if self.is_postgres:')
+    assert DIALECT_DECISION.search('return value if dialect.name == "sqlite" else None')
+    assert "class SQLite(Dialect)" in text and "class PostgreSQL(Dialect)" in text
