@@ -9,6 +9,7 @@ refused without importing anything.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import importlib
 import logging
@@ -64,7 +65,19 @@ class Action:
 
 
 class JobLog:
-    """The job's own log file, opened only when something is written to it."""
+    """The job's own log file, opened only when something is written to it.
+
+    A convenience, never a reason for a job to fail: the first error writing
+    or closing it (a full disk, a folder that cannot be made) is kept in
+    `incomplete`, and what comes after is dropped, so the job goes on and
+    the runner says once that its log is incomplete, not once per line.
+    One thread writes at a time: the job's handler holds its own lock, and
+    a command's output is copied by its job's thread.
+    """
+
+    # Class defaults, not set per job: a job that never logs pays nothing.
+    _fd: int | None = None
+    incomplete: str | None = None  # why the log is incomplete (its first failure)
 
     def __init__(self, path: Path | str, access: Access) -> None:
         self._where = path   # made a Path only for a job that logs: most never do
@@ -74,27 +87,75 @@ class JobLog:
     def path(self) -> Path:
         return Path(self._where)
 
-    def open_fd(self) -> int:
-        """An append-mode descriptor; a new log gets the owner(-group) mode."""
-        return self.access.open_file(self.path, os.O_WRONLY | os.O_APPEND)
+    def write(self, data: bytes) -> None:
+        """Append `data`, opening the file on the first write (a new log gets
+        the owner(-group) mode). Never raises OSError: see `incomplete`."""
+        if self.incomplete is not None:
+            return
+        try:
+            if self._fd is None:
+                self._fd = self.access.open_file(self.path, os.O_WRONLY | os.O_APPEND)
+            view = memoryview(data)
+            while view:  # a write cut short by a filling disk: the next one says why
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            self._failed(f"writing {self.path}", exc, "the rest of the log was dropped")
+
+    def close(self) -> None:
+        """Close the file if it is open. Never raises OSError: see `incomplete`."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.close(fd)
+        except OSError as exc:  # NFS, say, reports a full disk only here
+            self._failed(f"closing {self.path}", exc, "its end may be missing")
+
+    def note_incomplete(self, reason: str) -> None:
+        """Record why the log is incomplete (another process found out), if
+        nothing did before."""
+        if self.incomplete is None:
+            self.incomplete = reason
+
+    def _failed(self, doing: str, exc: OSError, so: str) -> None:
+        why = exc.strerror or str(exc)
+        if exc.errno in errno.errorcode:
+            why = f"{why} ({errno.errorcode[exc.errno]})"
+        self.note_incomplete(f"{doing} failed: {why}; {so}")
+        self.close()
 
     def logger(self, job_id: int) -> logging.Logger:
         # A Logger made directly is not registered in logging's global
         # manager, so a runner does not keep one per job it ran.
         logger = logging.Logger(f"runjobs.job.{job_id}", logging.DEBUG)
-        handler = _LazyFileHandler(self)
+        handler = _JobLogHandler(self)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
         return logger
 
 
-class _LazyFileHandler(logging.FileHandler):
-    def __init__(self, job_log: JobLog) -> None:
-        self._job_log = job_log
-        super().__init__(job_log.path, mode="a", delay=True)
+class _JobLogHandler(logging.Handler):
+    """Each line into the JobLog, one write per line as a FileHandler did;
+    once the log has failed, lines are dropped without a word (the runner
+    says it once, when the job ends)."""
 
-    def _open(self):
-        return os.fdopen(self._job_log.open_fd(), "a", encoding="utf-8")
+    def __init__(self, job_log: JobLog) -> None:
+        super().__init__()
+        self._job_log = job_log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._job_log.incomplete is not None:
+            return
+        try:
+            line = self.format(record) + "\n"
+        except Exception:  # the action's bad format string: logging's usual report
+            self.handleError(record)
+            return
+        self._job_log.write(line.encode("utf-8", "backslashreplace"))
+
+    def close(self) -> None:
+        self._job_log.close()
+        super().close()
 
 
 class JobContext:
@@ -121,9 +182,17 @@ class JobContext:
         return self._log
 
     def close_log(self) -> None:
+        """Close the job's log. Never raises OSError: a failure is kept in
+        the JobLog's `incomplete`."""
         if self._log is not None:
             for handler in self._log.handlers:
                 handler.close()
+        self._job_log.close()
+
+    @property
+    def log_incomplete(self) -> str | None:
+        """Why the job's log is incomplete; None while it is whole."""
+        return self._job_log.incomplete
 
     @property
     def canceled(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import string
 import subprocess
@@ -98,38 +99,83 @@ def command_argv(template: tuple[str, ...], params: Mapping[str, Any]) -> list[s
 
 def run_command(action: Action, ctx: JobContext, job_log: JobLog, grace: float) -> Outcome:
     argv = command_argv(action.command, ctx.params)
-    log_fd = job_log.open_fd()
+    job_log.write(f"--- attempt {ctx.attempt}: {argv!r}\n".encode())
+    # Its output comes through a pipe, copied to the log here, not straight
+    # to the log file: on a full disk the command's own writes would fail,
+    # and with them the command, for the sake of its log.
+    read_fd, write_fd = os.pipe()
     try:
-        os.write(log_fd, f"--- attempt {ctx.attempt}: {argv!r}\n".encode())
         try:
             # No shell, its own session (process group) so a stop reaches
             # every process it started.
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd,
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=write_fd,
                                        stderr=subprocess.STDOUT, start_new_session=True,
                                        close_fds=True)
         except OSError as exc:
             return Outcome(Status.FAILURE, error=f"cannot start {argv[0]}: {exc.strerror}",
                            retry=False)
-        code = _wait_or_stop(process, ctx, grace)
+        finally:
+            os.close(write_fd)  # the command has its own: the pipe ends when it is done
+        try:
+            code = _wait_or_stop(process, read_fd, job_log, ctx, grace)
+        finally:
+            copy_output(read_fd, job_log)  # what it wrote last, or while it was stopped
     finally:
-        os.close(log_fd)
+        os.close(read_fd)
     if ctx.canceled:
         return stopped_outcome(ctx.cancel_reason)
     return classify_exit(code, action)
 
 
-def _wait_or_stop(process: subprocess.Popen, ctx: JobContext, grace: float) -> int:
-    while True:
+def _wait_or_stop(process: subprocess.Popen, output: int, job_log: JobLog, ctx: JobContext,
+                  grace: float) -> int:
+    """Copy the command's output to its log until it exits; stop its group
+    when the job is stopped."""
+    piped = True  # until the pipe's end: then only wait
+    while process.poll() is None:
         try:
-            return process.wait(timeout=0.1)
-        except subprocess.TimeoutExpired:
             if ctx.canceled:
                 return stop_process_group(process, grace)
+            if piped:
+                piped = copy_output(output, job_log, wait=0.1)
+            else:
+                process.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            pass
         except JobCanceled:
             # The runner raised the stop inside this thread: stop the group,
             # then let the caller classify.
             stop_process_group(process, grace)
             raise
+    return process.returncode
+
+
+def copy_output(fd: int, job_log: JobLog, wait: float | None = None) -> bool:
+    """Copy what the pipe `fd` holds to the job's log: with `wait`, one read
+    once something is there (at most `wait` seconds); without, everything
+    there is now. False once the pipe is at its end (every writer gone).
+    Output the log cannot take is read all the same, and dropped."""
+    if wait is not None:
+        poller = select.poll()  # not select(): a busy runner's descriptors pass 1024
+        poller.register(fd, select.POLLIN)
+        return not poller.poll(wait * 1000) or _copy_chunk(fd, job_log)
+    os.set_blocking(fd, False)
+    try:
+        while _copy_chunk(fd, job_log):
+            pass
+    except BlockingIOError:  # nothing more for now: a child it left behind may write later
+        return True
+    finally:
+        os.set_blocking(fd, True)
+    return False
+
+
+def _copy_chunk(fd: int, job_log: JobLog) -> bool:
+    chunk = os.read(fd, 65536)
+    if not chunk:
+        return False
+    job_log.write(chunk)
+    return True
 
 
 def stop_process_group(process: subprocess.Popen, grace: float) -> int:

@@ -6,7 +6,7 @@ the job's own peak memory is measured (the child's VmHWM).
 
 The parent sends the job as JSON on the child's stdin; the child writes JSON
 lines back on a pipe: progress reports, then its outcome. Its stdout and
-stderr go to the job's log.
+stderr come on another pipe, and the parent copies them to the job's log.
 """
 
 from __future__ import annotations
@@ -35,16 +35,32 @@ def run_in_process(action: Action, ctx: JobContext, job_log: JobLog, grace: floa
                    report_progress: ProgressCallback | None = None) -> Outcome:
     """Run the callable of `action` in a child process; returns its Outcome
     with the child's peak RSS."""
-    read_fd, write_fd = os.pipe()
-    log_fd = job_log.open_fd()
+    pipes = _ChildPipes(job_log)
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "runjobs.isolation", str(write_fd)],
-            stdin=subprocess.PIPE, stdout=log_fd, stderr=subprocess.STDOUT,
-            pass_fds=(write_fd,), start_new_session=True, close_fds=True)
+            [sys.executable, "-m", "runjobs.isolation", str(pipes.results_end)],
+            stdin=subprocess.PIPE, stdout=pipes.output_end, stderr=subprocess.STDOUT,
+            pass_fds=(pipes.results_end,), start_new_session=True, close_fds=True)
+        pipes.close_child_ends()
+        _send_request(process, action, ctx, job_log)
+        message, code, peak_kb = _watch(process, pipes, ctx, grace, report_progress)
     finally:
-        os.close(write_fd)
-        os.close(log_fd)
+        pipes.close()
+    if ctx.canceled:
+        outcome = stopped_outcome(ctx.cancel_reason)
+    elif message:
+        if message.get("log_incomplete"):
+            job_log.note_incomplete(message["log_incomplete"])
+        outcome = Outcome(Status(message["status"]), output=message.get("output"),
+                          error=message.get("error"), retry=message.get("retry", True))
+    else:
+        outcome = Outcome(Status.FAILURE, error=f"child process exited with code {code} "
+                                                "without an outcome")
+    return Outcome(outcome.status, outcome.output, outcome.error, outcome.retry, peak_kb)
+
+
+def _send_request(process: subprocess.Popen, action: Action, ctx: JobContext,
+                  job_log: JobLog) -> None:
     request = {"name": action.name, "target": action.target, "id": ctx.id,
                "params": ctx.params, "attempt": ctx.attempt, "log": str(job_log.path),
                "access": dataclasses.astuple(job_log.access)}
@@ -53,39 +69,82 @@ def run_in_process(action: Action, ctx: JobContext, job_log: JobLog, grace: floa
         process.stdin.close()
     except BrokenPipeError:
         pass
-    with os.fdopen(read_fd, "rb") as results:
-        messages, code, peak_kb = _watch(process, results, ctx, grace, report_progress)
-    if ctx.canceled:
-        outcome = stopped_outcome(ctx.cancel_reason)
-    elif messages:
-        outcome = Outcome(Status(messages["status"]), output=messages.get("output"),
-                          error=messages.get("error"), retry=messages.get("retry", True))
-    else:
-        outcome = Outcome(Status.FAILURE, error=f"child process exited with code {code} "
-                                                "without an outcome")
-    return Outcome(outcome.status, outcome.output, outcome.error, outcome.retry, peak_kb)
 
 
-def _watch(process: subprocess.Popen, results, ctx: JobContext, grace: float,
+class _ChildPipes:
+    """What the parent reads from its child: JSON messages on one pipe, and
+    the child's stdout and stderr on another, copied to the job's log here.
+    Not the log file as the child's stdout: on a full disk the child's own
+    writes (a print) would fail, and the job with them, for a log."""
+
+    def __init__(self, job_log: JobLog) -> None:
+        self.results, self.results_end = os.pipe()
+        self.output, self.output_end = os.pipe()
+        self._job_log = job_log
+        self._reading = [self.results, self.output]  # until each pipe's end
+        self._buffer = b""
+
+    def close_child_ends(self) -> None:
+        """The child has its own copies: each pipe ends when the child is done."""
+        for fd in (self.results_end, self.output_end):
+            os.close(fd)
+        self.results_end = self.output_end = None
+
+    def read(self, timeout: float) -> list[dict]:
+        """Waits up to `timeout` seconds for either pipe; the messages read whole."""
+        poller = select.poll()  # not select(): a busy runner's descriptors pass 1024
+        for fd in self._reading:
+            poller.register(fd, select.POLLIN)
+        messages: list[dict] = []
+        for fd, _ in poller.poll(timeout * 1000):
+            messages += self._take(fd)
+        return messages
+
+    def drain(self) -> list[dict]:
+        """What the pipes hold now, without waiting: the child has exited,
+        its last message may not have been read yet."""
+        messages: list[dict] = []
+        for fd in list(self._reading):
+            os.set_blocking(fd, False)
+            try:
+                while fd in self._reading:
+                    messages += self._take(fd)
+            except BlockingIOError:  # a process it left behind holds the pipe
+                pass
+        return messages
+
+    def _take(self, fd: int) -> list[dict]:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            self._reading.remove(fd)
+            return []
+        if fd == self.output:
+            self._job_log.write(chunk)  # never raises: a failure is noted in the JobLog
+            return []
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        return [json.loads(line) for line in lines]
+
+    def close(self) -> None:
+        for fd in (self.results, self.output, self.results_end, self.output_end):
+            if fd is not None:
+                os.close(fd)
+
+
+def _watch(process: subprocess.Popen, pipes: _ChildPipes, ctx: JobContext, grace: float,
            report_progress: ProgressCallback | None) -> tuple[dict, int, int]:
     """Read the child's messages until it exits, stopping it when asked.
     Returns (its outcome message, exit code, peak RSS in KiB)."""
     outcome: dict = {}
-    buffer = b""
     stopped = False
     peak_kb = 0
     while True:
-        ready, _, _ = select.select([results], [], [], 0.1)
-        if ready:
-            chunk = os.read(results.fileno(), 65536)
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                outcome = _handle(json.loads(line), ctx, report_progress) or outcome
+        outcome = _handle_all(pipes.read(0.1), ctx, report_progress) or outcome
         peak_kb = max(peak_kb, _peak_rss_kb(process.pid))
         pid, status = os.waitpid(process.pid, os.WNOHANG)
         if pid:
             process.returncode = os.waitstatus_to_exitcode(status)
+            outcome = _handle_all(pipes.drain(), ctx, report_progress) or outcome
             return outcome, process.returncode, max(peak_kb, outcome.get("peak_rss_kb") or 0)
         if ctx.canceled and not stopped:
             stopped = True
@@ -125,11 +184,15 @@ def _signal_later(pid: int, grace: float) -> None:
     signal_group(pid, signal.SIGKILL)
 
 
-def _handle(message: dict, ctx: JobContext, report_progress: ProgressCallback | None):
-    if "progress" in message and report_progress is not None:
-        report_progress(ctx.id, *message["progress"])
-        return None
-    return message.get("outcome")
+def _handle_all(messages: list[dict], ctx: JobContext,
+                report_progress: ProgressCallback | None) -> dict | None:
+    """Report progress messages; the last outcome message among them, if any."""
+    outcome = None
+    for message in messages:
+        if "progress" in message and report_progress is not None:
+            report_progress(ctx.id, *message["progress"])
+        outcome = message.get("outcome") or outcome
+    return outcome
 
 
 # -- the child ------------------------------------------------------------------
@@ -153,9 +216,11 @@ def _child(result_fd: int) -> int:
     action = BUILTINS.get(request["name"]) if not request["target"] else None
     action = action or Action(request["name"], target=request["target"])
     outcome = execute(action, ctx, job_log)
+    ctx.close_log()  # before the outcome: whether the log is whole is part of it
     send({"outcome": {"status": outcome.status.value, "output": outcome.output,
                       "error": outcome.error, "retry": outcome.retry,
-                      "peak_rss_kb": _peak_rss_kb(os.getpid())}})
+                      "peak_rss_kb": _peak_rss_kb(os.getpid()),
+                      "log_incomplete": ctx.log_incomplete}})
     return 0
 
 

@@ -229,7 +229,21 @@ class Runner:
                 break
             except JobCanceled:
                 outcome = outcome or stopped_outcome(context.cancel_reason)
-        self._inbox.put((job_id, outcome))
+        self._inbox.put((job_id, self._close_log(context, outcome)))
+
+    def _close_log(self, context: JobContext, outcome: Outcome) -> Outcome:
+        """Close the job's log here, in its thread, once no stop can land: the
+        loop does no file I/O, so a log that fails cannot cost it outcomes.
+        A log that is incomplete costs the job nothing but a note, said once:
+        in runjobs.log and in the job's output."""
+        context.close_log()
+        why = context.log_incomplete
+        if why is None:
+            return outcome
+        log.warning("job %s: its log is incomplete: %s", context.id, why)
+        note = f"log incomplete: {why}"
+        return dataclasses.replace(
+            outcome, output=f"{outcome.output}\n{note}" if outcome.output else note)
 
     def _execute(self, action: Action | None, context: JobContext, job_log: JobLog) -> Outcome:
         if action is None:
@@ -263,7 +277,6 @@ class Runner:
             if entry is None:  # given up as unstoppable; its outcome came too late
                 log.warning("job %s: its abandoned thread ended after all", job_id)
                 continue
-            entry.context.close_log()
             results.append((entry.job, outcome, self._retry_in(entry.job, outcome)))
             self.ended[outcome.status.value] += 1
             # A line per SUCCESS costs a fast drain a sixth of its time:

@@ -80,3 +80,15 @@ def refuse_retry(ctx):
     from runjobs import DoNotRetry
 
     raise DoNotRetry(f"job {ctx.id} refuses, attempt {ctx.attempt}")
+
+
+def log_lines(ctx):
+    """Writes `lines` lines (default 20,000) of about 100 bytes to the job's log."""
+    for number in range(int(ctx.params.get("lines", 20000))):
+        ctx.log.info("line %d of a job that logs a lot %s", number, "x" * 60)
+
+
+def print_lines(ctx):
+    """Prints `lines` lines (default 20,000) to stdout, as a careless action would."""
+    for number in range(int(ctx.params.get("lines", 20000))):
+        print(f"line {number} printed by a job {'x' * 60}")
