@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .config import Settings, parse_duration, validate_capacity
+from .limits import INT_MAX, INT_MIN
 from .errors import ConfigError, DoNotRetry, UsageError
 from .files import Access
 
@@ -289,8 +290,12 @@ def action_from_config(name: str, spec: Mapping[str, Any], settings: Settings) -
 
 
 def _whole(value: Any, key: str, negative: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or (value < 0 and not negative):
-        raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+    # The bounds of a job's own priority and retries (runjobs.limits), so a
+    # default that no job could store is named here, not at every submit.
+    low = INT_MIN if negative else 0
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT_MAX:
+        raise ConfigError(f"{key}: expected a whole number from {low} to {INT_MAX}, "
+                          f"got {value!r}")
     return value
 
 

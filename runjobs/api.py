@@ -7,11 +7,13 @@ import datetime as dt
 import json
 import math
 import time
-from typing import Any, Iterable, Mapping
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping
 
+from . import limits
 from .actions import Registry
 from .config import Settings, load_settings, parse_duration, parse_when, validate_capacity
 from .errors import ConfigError, UsageError
+from .limits import DURATION_MAX, INT_MAX, INT_MIN
 from .models import FINAL, Job, JobSpec, Status
 from .store import Store, Submitted, open_store
 
@@ -27,34 +29,62 @@ def build_spec(registry: Registry, action: str, params: Mapping[str, Any] | None
                hold: bool = False, rerun_of: int | None = None) -> JobSpec:
     """A validated JobSpec with the action's registered defaults applied.
 
-    Raises UsageError naming the bad part; nothing is written.
+    Every bound of runjobs.limits is checked here, so the Python API keeps
+    them as the CLI does. Raises UsageError naming the bad part; nothing is
+    written.
     """
-    registered = registry.require(action)
-    params = dict(params or {})
-    if params:
-        try:
-            json.dumps(params, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise UsageError(f"params: not JSON: {exc}") from None
-    for name, value in (("run_at", run_at), ("max_start_at", max_start_at)):
-        if value is not None and (not isinstance(value, dt.datetime) or value.tzinfo is None):
-            raise UsageError(f"{name}: expected a datetime with a time zone, got {value!r}")
+    registered = registry.require(_action(action))
     if run_at is not None and run_in is not None:
         raise UsageError("give run_at or run_in, not both")
     return JobSpec(
-        action=action, params=params,
-        priority=_whole("priority", registered.priority if priority is None else priority, True),
-        run_at=run_at, run_in=_seconds("run_in", run_in), max_start_at=max_start_at,
+        action=action, params=_params(params),
+        priority=_whole("priority", registered.priority if priority is None else priority,
+                        INT_MIN),
+        run_at=_when("run_at", run_at), run_in=_seconds("run_in", run_in),
+        max_start_at=_when("max_start_at", max_start_at),
         timeout=_seconds("timeout", timeout, positive=True),
         retries=_whole("retries", registered.retries if retries is None else retries),
         needs=_needs(needs if needs is not None else registered.needs),
-        key=_key(key), hold=bool(hold), rerun_of=rerun_of,
+        key=_key(key), hold=_flag("hold", hold), rerun_of=rerun_of,
     )
 
 
-def _whole(name: str, value: Any, negative: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or (value < 0 and not negative):
-        raise UsageError(f"{name}: expected a whole number, got {value!r}")
+def _action(action: Any) -> str:
+    if not isinstance(action, str):
+        raise UsageError(f"action: expected a name, got a {type(action).__name__}")
+    return action
+
+
+def _params(params: Mapping[str, Any] | None) -> dict[str, Any]:
+    params = dict(params or {})
+    if params:  # most jobs have none: no JSON to check
+        try:
+            limits.params_text(params)
+        except limits.LimitError as exc:
+            raise UsageError(f"params: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"params: not JSON: {exc}") from None
+    return params
+
+
+def _when(name: str, value: Any) -> dt.datetime | None:
+    """An aware datetime, in UTC: a time near year 1 or 9999 whose offset
+    carries it out of datetime's range is refused here, not in the store."""
+    if value is None:
+        return None
+    if not isinstance(value, dt.datetime) or value.tzinfo is None:
+        raise UsageError(f"{name}: expected a datetime with a time zone, got {value!r}")
+    try:
+        return value.astimezone(dt.timezone.utc)
+    except OverflowError:
+        raise UsageError(f"{name}: {value.isoformat()} is out of range: "
+                         "years 1 to 9999 in UTC") from None
+
+
+def _whole(name: str, value: Any, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT_MAX:
+        raise UsageError(f"{name}: expected a whole number from {low} to {INT_MAX}, "
+                         f"got {value!r}")
     return value
 
 
@@ -64,8 +94,9 @@ def _seconds(name: str, value: Any, positive: bool = False) -> float | None:
     if isinstance(value, dt.timedelta):
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (positive and value == 0):
-        raise UsageError(f"{name}: expected a number of seconds, got {value!r}")
+            or not 0 <= value <= DURATION_MAX or (positive and value == 0):
+        raise UsageError(f"{name}: expected a number of seconds up to {DURATION_MAX:.0f} "
+                         f"(100 years), got {value!r}")
     return float(value)
 
 
@@ -78,10 +109,28 @@ def _needs(needs: Mapping[str, int] | None) -> dict[str, int] | None:
         raise UsageError(str(exc)) from None
 
 
-def _key(key: str | None) -> str | None:
-    if key is not None and (not isinstance(key, str) or not key or len(key) > 255):
+def _key(key: Any) -> str | None:
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key or len(key) > 255:
         raise UsageError(f"key: expected 1 to 255 characters, got {key!r}")
+    if "\x00" in key:  # PostgreSQL's text cannot hold one; SQLite's could
+        raise UsageError(f"key: holds a NUL character: {key!r}")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8, as argv decodes them
+        raise UsageError(f"key: not UTF-8 text: {key!r}") from None
     return key
+
+
+def _flag(name: str, value: Any) -> bool:
+    # Only a boolean (or None, unset, as for every other field): bool("no")
+    # is True, and would hold a job asked not to be held.
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise UsageError(f"{name}: expected true or false, got {value!r}")
+    return value
 
 
 # Fields of a `submit --batch` line, as the CLI options name them, and how
@@ -96,23 +145,47 @@ _LINE_FIELDS = {
 }
 
 
-def specs_from_lines(registry: Registry, lines: Iterable[str]) -> list[JobSpec]:
-    """One JobSpec per non-empty JSON line; UsageError names the first bad
-    line, so a bad line rejects the whole batch before anything is written."""
+def specs_from_lines(registry: Registry, lines: Iterable[str | bytes]) -> list[JobSpec]:
+    """One JobSpec per non-empty JSON line (text, or UTF-8 bytes as
+    `batch_lines` reads them); UsageError names the first bad line, so a bad
+    line rejects the whole batch before anything is written."""
     specs = []
     for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
         try:
-            specs.append(_spec_from_line(registry, line))
+            text = _line_text(line)
+            if text.strip():
+                specs.append(_spec_from_line(registry, text))
         except (UsageError, ConfigError) as exc:
             raise UsageError(f"line {number}: {exc}") from None
     return specs
 
 
+def batch_lines(handle: BinaryIO) -> Iterator[bytes]:
+    """The lines of a batch file, each read with a bound: a line longer than
+    BATCH_LINE_MAX_BYTES comes out cut (and is refused as too long) instead
+    of being read whole into memory."""
+    while line := handle.readline(limits.BATCH_LINE_MAX_BYTES + 1):
+        yield line
+
+
+def _line_text(line: str | bytes) -> str:
+    if len(line.rstrip(b"\r\n" if isinstance(line, bytes) else "\r\n")) \
+            > limits.BATCH_LINE_MAX_BYTES:
+        raise UsageError(f"longer than the limit of {limits.BATCH_LINE_MAX_BYTES} bytes")
+    if isinstance(line, str):
+        return line
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"not UTF-8 text (byte {exc.start + 1})") from None
+
+
 def _spec_from_line(registry: Registry, line: str) -> JobSpec:
     try:
-        fields = json.loads(line)
+        # One level more than params: the line's object holds them.
+        fields = limits.loads(line, outer=1)
+    except limits.LimitError as exc:
+        raise UsageError(str(exc)) from None
     except json.JSONDecodeError as exc:
         raise UsageError(f"not JSON: {exc}") from None
     if not isinstance(fields, dict) or "action" not in fields:

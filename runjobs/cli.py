@@ -15,8 +15,10 @@ from typing import Any
 
 import click
 
+from . import limits
 from .config import parse_duration, parse_when
 from .errors import ConfigError, Conflict, NotFound, RunjobsError, UsageError
+from .limits import ID_MAX, INT_MAX, INT_MIN, LIST_LIMIT_MAX
 from .models import FINAL, WAIT_EXIT_CODES, Status
 
 
@@ -30,8 +32,8 @@ class DurationType(click.ParamType):
             return value
         try:
             return parse_duration(value, "duration")
-        except ConfigError:
-            self.fail(f"{value!r} is not a duration (like 90s, 10m, 1h30m, 2d)", param, ctx)
+        except ConfigError as exc:  # too long, infinite or not a duration: it says which
+            self.fail(str(exc).removeprefix("duration: "), param, ctx)
 
 
 class WhenType(click.ParamType):
@@ -76,6 +78,12 @@ class StatusType(click.ParamType):
 
 
 DURATION, WHEN, NEEDS, STATUS = DurationType(), WhenType(), NeedsType(), StatusType()
+# Bounded integers (runjobs.limits): refused here, before the database, with
+# the option's name and its range, on SQLite and PostgreSQL alike.
+PRIORITY = click.IntRange(INT_MIN, INT_MAX)
+RETRIES = click.IntRange(0, INT_MAX)
+JOB_ID = click.IntRange(1, ID_MAX)
+LIMIT = click.IntRange(1, LIST_LIMIT_MAX)
 
 
 def parse_params(items: tuple[str, ...], base_json: str | None) -> dict[str, Any]:
@@ -83,7 +91,9 @@ def parse_params(items: tuple[str, ...], base_json: str | None) -> dict[str, Any
     params: dict[str, Any] = {}
     if base_json is not None:
         try:
-            params = json.loads(base_json)
+            params = limits.loads(base_json)
+        except limits.LimitError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--params'") from None
         except json.JSONDecodeError as exc:
             raise click.BadParameter(f"not JSON: {exc}", param_hint="'--params'") from None
         if not isinstance(params, dict):
@@ -99,7 +109,9 @@ def _one_param(item: str) -> tuple[str, Any]:
         raise click.BadParameter(f"{item!r} is not KEY=VALUE or KEY:=JSON", param_hint="PARAMS")
     if key.endswith(":"):
         try:
-            return key[:-1], json.loads(value)
+            return key[:-1], limits.loads(value)
+        except limits.LimitError as exc:  # not the item itself: it may be a megabyte
+            raise click.BadParameter(f"{key}=...: {exc}", param_hint="PARAMS") from None
         except json.JSONDecodeError as exc:
             raise click.BadParameter(f"{item!r}: not JSON: {exc}", param_hint="PARAMS") from None
     return key, value
@@ -168,7 +180,7 @@ class RunjobsGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except UsageError as exc:
+        except (UsageError, ConfigError) as exc:  # a bad setting is bad input too
             raise click.UsageError(str(exc), ctx) from None
         except RunjobsError as exc:
             raise click.ClickException(str(exc)) from None
@@ -185,15 +197,15 @@ def cli() -> None:
 @cli.command()
 @click.argument("action", required=False)
 @click.argument("params", nargs=-1)
-@click.option("--batch", type=click.File("r"), metavar="FILE",
+@click.option("--batch", type=click.File("rb"), metavar="FILE",
               help="One job per line as JSON ('-' for stdin), stored in one transaction.")
 @click.option("--params", "params_json", metavar="JSON", help="Params as a JSON object (KEY=VALUE wins).")
-@click.option("--priority", type=int, help="Higher runs first (default: the action's, else 0).")
+@click.option("--priority", type=PRIORITY, help="Higher runs first (default: the action's, else 0).")
 @click.option("--at", "run_at", type=WHEN, help="Start at or after WHEN (ISO 8601 with a zone, or now).")
 @click.option("--in", "run_in", type=DURATION, help="Start after DURATION (like 10m).")
 @click.option("--max-start", "max_start_at", type=WHEN, help="EXPIRED if not started by then.")
 @click.option("--timeout", type=DURATION, help="Stop the job after DURATION: FAILURE.")
-@click.option("--retries", type=click.IntRange(min=0), help="Retries after a failure.")
+@click.option("--retries", type=RETRIES, help="Retries after a failure.")
 @click.option("--needs", multiple=True, type=NEEDS, help="Capacity it takes, RES=N (repeat).")
 @click.option("--key", help="Idempotency key: an open job with it is returned instead.")
 @click.option("--hold", is_flag=True, help="Submit HELD, until `runjobs release`.")
@@ -206,9 +218,9 @@ def submit(obj: Context, action, params, batch, params_json, priority, run_at, r
     if batch is not None:
         if action or params or wait:
             raise click.UsageError("--batch takes its jobs from FILE: give no ACTION or --wait")
-        from .api import specs_from_lines
+        from .api import batch_lines, specs_from_lines
 
-        specs = specs_from_lines(obj.client.registry, batch)
+        specs = specs_from_lines(obj.client.registry, batch_lines(batch))
         for submitted in obj.client.submit_specs(specs):
             click.echo(submitted.id)
         return
@@ -257,7 +269,7 @@ def job_json(job, events=None) -> dict[str, Any]:
 @cli.command("list")
 @click.option("--status", "statuses", multiple=True, type=STATUS, help="Only these (repeat).")
 @click.option("--action", help="Only this action.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--limit", type=LIMIT, default=50, show_default=True)
 @json_option
 @pass_context
 def list_command(obj: Context, statuses, action, limit, as_json):
@@ -274,7 +286,7 @@ def list_command(obj: Context, statuses, action, limit, as_json):
 
 
 @cli.command()
-@click.argument("job_id", type=click.IntRange(min=1), metavar="ID")
+@click.argument("job_id", type=JOB_ID, metavar="ID")
 @json_option
 @pass_context
 def show(obj: Context, job_id, as_json):
@@ -299,7 +311,7 @@ def show(obj: Context, job_id, as_json):
 
 
 @cli.command("log")
-@click.argument("job_id", type=click.IntRange(min=1), metavar="ID")
+@click.argument("job_id", type=JOB_ID, metavar="ID")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the job is final.")
 @pass_context
 def log_command(obj: Context, job_id, follow):
@@ -327,7 +339,7 @@ def _print_from(path, offset: int) -> int:
 
 
 @cli.command()
-@click.argument("job_ids", nargs=-1, required=True, type=click.IntRange(min=1), metavar="ID...")
+@click.argument("job_ids", nargs=-1, required=True, type=JOB_ID, metavar="ID...")
 @pass_context
 def cancel(obj: Context, job_ids):
     """HELD/PENDING -> CANCELED; QUEUED/RUNNING -> TO_CANCEL (the runner stops it)."""
@@ -369,7 +381,7 @@ def run(obj: Context, once, period, margin):
 # -- runners ----------------------------------------------------------------------
 
 @cli.command()
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--limit", type=LIMIT, default=50, show_default=True)
 @json_option
 @pass_context
 def runners(obj: Context, limit, as_json):

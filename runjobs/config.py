@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import math
 import os
 import re
 import socket
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import ConfigError
+from .limits import DURATION_MAX, INT_MAX
 
 if TYPE_CHECKING:
     from .files import Access
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 SYSTEM_CONFIG = Path("/etc/runjobs/runjobs.toml")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_PASSWORD = re.compile(r"(://[^:/@]*:).*@", re.S)
 
 # Keys a config file or RUNJOBS_<KEY> may set. RUNJOBS_HOME and RUNJOBS_CONFIG
 # are environment only (they say where the config file is).
@@ -91,12 +94,31 @@ class Settings:
 
 
 def parse_duration(value: Any, key: str = "duration") -> float:
-    """`90s`, `10m`, `1h30m`, `2d` or a number of seconds -> seconds.
+    """`90s`, `10m`, `1h30m`, `2d` or a number of seconds -> seconds, at most
+    DURATION_MAX (100 years).
 
-    Raises ConfigError naming `key` for anything else (negative included).
+    Raises ConfigError naming `key` for anything else (negative, infinite
+    or not a number included).
     """
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a duration like 90s, 10m, 1h30m, got {value!r}")
+    try:
+        seconds = _seconds_of(value)
+    except ValueError:
+        raise ConfigError(
+            f"{key}: expected a duration like 90s, 10m, 1h30m, 2d, got {value!r}") from None
+    except OverflowError:  # an integer too large for a float
+        seconds = math.inf
+    if seconds < 0:
+        raise ConfigError(f"{key}: a duration cannot be negative, got {value!r}")
+    if seconds > DURATION_MAX:
+        raise ConfigError(f"{key}: more than the limit of 100 years ({DURATION_MAX:.0f}s), "
+                          f"got {value!r}")
+    return seconds
+
+
+def _seconds_of(value: Any) -> float:
+    """Seconds, unchecked; ValueError for what is not a duration (NaN too)."""
     if isinstance(value, (int, float)):
         seconds = float(value)
     else:
@@ -106,12 +128,10 @@ def parse_duration(value: Any, key: str = "duration") -> float:
         except ValueError:
             parts = _DURATION_PART.findall(text)
             if not text or "".join(n + u for n, u in parts) != text:
-                raise ConfigError(
-                    f"{key}: expected a duration like 90s, 10m, 1h30m, 2d, got {value!r}"
-                ) from None
+                raise
             seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
-    if seconds < 0 or seconds != seconds:
-        raise ConfigError(f"{key}: a duration cannot be negative, got {value!r}")
+    if math.isnan(seconds):
+        raise ValueError("NaN")
     return seconds
 
 
@@ -132,7 +152,10 @@ def parse_when(value: Any, key: str = "time") -> dt.datetime:
     if when.tzinfo is None:
         raise ConfigError(f"{key}: {value!r} has no time zone: add Z for UTC or an offset "
                           "like +01:00")
-    return when.astimezone(dt.timezone.utc)
+    try:
+        return when.astimezone(dt.timezone.utc)
+    except OverflowError:  # 0001-01-01T00:00:00+14:00 is in year 0 in UTC
+        raise ConfigError(f"{key}: {value!r} is out of range: years 1 to 9999 in UTC") from None
 
 
 def pg_url(url: str) -> str:
@@ -143,9 +166,62 @@ def pg_url(url: str) -> str:
     return url
 
 
+# The database URLs runjobs supports: SQLite, and PostgreSQL through psycopg2
+# (`pg_url` maps postgresql:// and postgres:// to it).
+_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+psycopg2")
+# SQLAlchemy's reading of a URL (sqlalchemy.engine.url._parse_url), copied:
+# importing SQLAlchemy to check a setting would cost `run` 0.3 s on the
+# path that finds the lock held and exits.
+_URL = re.compile(r"""
+    (?P<name>[\w+]+)://
+    (?:(?P<username>[^:/]*)(?::(?P<password>[^@]*))?@)?
+    (?:(?:\[(?P<ipv6host>[^/?]+)\]|(?P<ipv4host>[^/:?]+))?(?::(?P<port>[^/?]*))?)?
+    """, re.X)
+
+
+def database_url(value: Any) -> str:
+    """The URL runjobs connects to, checked: a supported database, a numeric
+    port, and a password with an unencoded '@' read up to the last '@'
+    before the host. Messages never hold the URL: it may hold a password.
+    Raises ConfigError.
+    """
+    url = pg_url(str(value).strip())
+    match = _URL.match(url)
+    if match is None:
+        raise ConfigError("database_url: not a database URL like sqlite:///PATH or "
+                          "postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
+    if match["name"] not in _DRIVERS:
+        raise ConfigError(f"database_url: {match['name']!r} is not supported: runjobs runs on "
+                          "sqlite:///PATH or postgresql://... (through psycopg2)")
+    if match["name"].startswith("postgresql"):
+        url, match = _password_at_encoded(url, match)
+    port = match["port"]
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ConfigError("database_url: the port is not a number from 1 to 65535")
+    return url
+
+
+def _password_at_encoded(url: str, match: re.Match) -> tuple[str, re.Match]:
+    """A host or port never holds an '@': if SQLAlchemy's reading puts one
+    there, the password held it. Each '@' before the last one is encoded as
+    %40, or the driver would name part of the password as the host in its
+    connection error."""
+    after = "".join(match[name] or "" for name in ("ipv6host", "ipv4host", "port"))
+    if "@" not in after or match["username"] is None:
+        return url, match
+    last_at = url.rfind("@", 0, match.end())
+    start = match.start("username")
+    url = url[:start] + url[start:last_at].replace("@", "%40") + url[last_at:]
+    return url, _URL.match(url)
+
+
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ***: safe to print or log."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """The URL with any password replaced by ***: safe to print or log.
+
+    Everything from `://user:` to the last '@' is masked: a password may
+    hold an unencoded '@' (or a newline), and masking too much is harmless.
+    """
+    return _PASSWORD.sub(r"\1***@", url)
 
 
 def default_home(environ: Mapping[str, str]) -> Path:
@@ -174,6 +250,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start + 1})") from None
 
 
 def _env_value(key: str, text: str) -> Any:
@@ -181,7 +259,11 @@ def _env_value(key: str, text: str) -> Any:
     if key == "capacity":
         return _parse_capacity_text(text)
     if key == "warning_exit_codes":
-        return [int(x) for x in re.split(r"[,\s]+", text.strip("[] ")) if x]
+        try:
+            return [int(x) for x in re.split(r"[,\s]+", text.strip("[] ")) if x]
+        except ValueError:
+            raise ConfigError(
+                f"warning_exit_codes: expected exit codes like 3,4, got {text!r}") from None
     return text
 
 
@@ -203,19 +285,23 @@ def _parse_capacity_text(text: str) -> Any:
 
 
 def validate_capacity(table: Any, key: str = "capacity") -> dict[str, int]:
-    """A table of resource name -> positive whole number."""
+    """A table of resource name -> whole number from 0 to INT_MAX."""
     if not isinstance(table, Mapping) or not table:
         raise ConfigError(f"{key}: expected a table like {{default = 4}}, got {table!r}")
-    result = {}
-    for name, count in table.items():
-        try:
-            number = int(count)
-        except (TypeError, ValueError):
-            number = -1
-        if isinstance(count, bool) or number < 0 or str(number) != str(count).strip():
-            raise ConfigError(f"{key}.{name}: expected a whole number >= 0, got {count!r}")
-        result[str(name)] = number
-    return result
+    return {str(name): _whole_number(count, f"{key}.{name}", 0) for name, count in table.items()}
+
+
+def _whole_number(value: Any, key: str, low: int) -> int:
+    """An int, or its text, from `low` to INT_MAX: 1.5, true and inf are not."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: inf
+        number = low - 1
+    if isinstance(value, bool) or not low <= number <= INT_MAX \
+            or str(number) != str(value).strip():
+        raise ConfigError(f"{key}: expected a whole number from {low} to {INT_MAX}, "
+                          f"got {value!r}")
+    return number
 
 
 def _validate(raw: dict[str, Any], home: Path, config_file: Path | None) -> Settings:
@@ -228,17 +314,17 @@ def _validate(raw: dict[str, Any], home: Path, config_file: Path | None) -> Sett
     capacity = validate_capacity(raw.get("capacity", {"default": 4}))
     try:
         codes = tuple(int(c) for c in raw.get("warning_exit_codes", ()))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: inf
         raise ConfigError(
             f"warning_exit_codes: expected a list of numbers, got {raw['warning_exit_codes']!r}"
         ) from None
     log_dir = Path(raw.get("log_dir") or home / "logs").expanduser()
-    values["crash_limit"] = _positive_int(raw.get("crash_limit", 3), "crash_limit")
+    values["crash_limit"] = _whole_number(raw.get("crash_limit", 3), "crash_limit", 1)
     values["log_level"] = _log_level(raw.get("log_level", "info"))
     settings = Settings(
         home=home,
         config_file=config_file,
-        database_url=pg_url(str(raw.get("database_url") or f"sqlite:///{home / 'runjobs.db'}")),
+        database_url=database_url(raw.get("database_url") or f"sqlite:///{home / 'runjobs.db'}"),
         log_dir=log_dir,
         lock_file=Path(raw.get("lock_file") or home / "runjobs.lock").expanduser(),
         node=str(raw.get("node") or socket.gethostname()),
@@ -270,16 +356,6 @@ def _log_level(value: Any) -> str:
     if level not in LOG_LEVELS:
         raise ConfigError(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
     return level
-
-
-def _positive_int(value: Any, key: str) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = 0
-    if isinstance(value, bool) or number < 1 or str(number) != str(value).strip():
-        raise ConfigError(f"{key}: expected a whole number >= 1, got {value!r}")
-    return number
 
 
 def _check_timing(s: Settings) -> None:
@@ -325,9 +401,25 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     unknown = set(raw) - set(_KEYS) - {"actions"}
     if unknown:
         raise ConfigError(f"{config_file}: unknown setting(s): {', '.join(sorted(unknown))}")
-    for key in _KEYS:
-        text = environ.get("RUNJOBS_" + key.upper())
-        if text:
-            raw[key] = _env_value(key, text)
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    return _validate(raw, home, config_file)
+    sources = dict.fromkeys(raw, f"in {config_file}")
+    try:
+        for key in _KEYS:
+            text = environ.get("RUNJOBS_" + key.upper())
+            if text:
+                sources[key] = "from RUNJOBS_" + key.upper()
+                raw[key] = _env_value(key, text)
+        for key, value in overrides.items():
+            if value is not None:  # the caller's own value: no source to name
+                raw[key] = value
+                sources.pop(key, None)
+        return _validate(raw, home, config_file)
+    except ConfigError as exc:
+        raise ConfigError(_with_source(str(exc), sources)) from None
+
+
+def _with_source(message: str, sources: Mapping[str, str]) -> str:
+    """The message with where its setting was set. Messages name their key
+    first ('margin: ...', 'capacity.default: ...'); one that names a file or
+    a variable instead already says where."""
+    key = re.match(r"\w*", message).group()
+    return f"{message} ({sources[key]})" if key in sources else message

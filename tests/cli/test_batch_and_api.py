@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import runjobs
 from runjobs.config import pg_url
 from runjobs.api import Client
 from runjobs.errors import UsageError
+from runjobs.limits import DURATION_MAX, INT_MAX, INT_MIN, PARAMS_MAX_BYTES, PARAMS_MAX_DEPTH
 from runjobs.models import Status
 
 from conftest import cli, runjobs_cmd
@@ -120,3 +122,72 @@ def test_connect_takes_a_database_url(db_url, tmp_path, monkeypatch):
     engine.dispose()
     assert stored.action == "noop" and "connect" in str(stored.params)
     assert not (elsewhere / "other.db").exists()
+
+
+def nested(levels: int) -> dict:
+    """Params nested `levels` deep, the params object itself being level 1."""
+    value: dict = {}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
+@pytest.fixture
+def client(settings):
+    client = Client(settings)
+    yield client
+    client.close()
+
+
+def test_python_api_stores_values_at_the_edges_of_the_limits(client):
+    at_limit = {"a": "x" * (PARAMS_MAX_BYTES - len('{"a": ""}'))}
+    first = client.get(client.submit("noop", at_limit, priority=INT_MAX, retries=INT_MAX,
+                                     timeout=DURATION_MAX,
+                                     run_at=dt.datetime(1, 1, 1, tzinfo=dt.timezone.utc)))
+    assert (first.priority, first.retries, first.timeout) == (INT_MAX, INT_MAX, DURATION_MAX)
+    assert first.params == at_limit and first.run_at.year == 1
+    second = client.get(client.submit("noop", nested(PARAMS_MAX_DEPTH), priority=INT_MIN))
+    assert second.priority == INT_MIN and second.params == nested(PARAMS_MAX_DEPTH)
+
+
+def cyclic() -> dict:
+    params: dict = {}
+    params["self"] = params
+    return params
+
+
+# (options of Client.submit, a text the UsageError must contain); the same
+# bounds as the CLI's, on both databases, before anything is written.
+BAD_API_OPTIONS = [
+    pytest.param({"priority": INT_MAX + 1}, "priority", id="priority-above-int"),
+    pytest.param({"priority": INT_MIN - 1}, "priority", id="priority-below-int"),
+    pytest.param({"priority": 10**20}, "priority", id="huge-priority"),
+    pytest.param({"retries": INT_MAX + 1}, "retries", id="retries-above-int"),
+    pytest.param({"params": nested(PARAMS_MAX_DEPTH + 1)}, "params: nested deeper than 100",
+                 id="params-101-levels"),
+    pytest.param({"params": nested(40_000)}, "params: nested deeper", id="params-40000-levels"),
+    pytest.param({"params": cyclic()}, "params: nested deeper", id="params-cycle"),
+    pytest.param({"params": {"a": "x" * PARAMS_MAX_BYTES}}, "params: 1048585 bytes of JSON",
+                 id="params-over-1mib"),
+    pytest.param({"run_at": dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=14)))},
+                 "run_at: 0001-01-01T00:00:00+14:00 is out of range", id="run-at-before-year-1"),
+    pytest.param({"max_start_at": dt.datetime(9999, 12, 31, 23,
+                                              tzinfo=dt.timezone(dt.timedelta(hours=-14)))},
+                 "max_start_at", id="max-start-after-year-9999"),
+    pytest.param({"timeout": float("inf")}, "timeout", id="timeout-inf"),
+    pytest.param({"timeout": dt.timedelta(days=36501)}, "timeout", id="timeout-over-100-years"),
+    pytest.param({"key": "k\udcff"}, "key: not UTF-8", id="key-not-utf8"),
+    pytest.param({"key": "k\x00"}, "key: holds a NUL", id="key-with-nul"),
+    pytest.param({"hold": "no"}, "hold: expected true or false", id="hold-a-string"),
+    pytest.param({"action": ["noop"]}, "action: expected a name", id="action-a-list"),
+]
+
+
+@pytest.mark.parametrize("options, names", BAD_API_OPTIONS)
+def test_python_api_refuses_values_out_of_range(client, options, names):
+    job = {"action": "noop", **options}
+    with pytest.raises(UsageError, match="^" + re.escape(names)):
+        client.submit(**job)
+    with pytest.raises(UsageError, match="^job 2: " + re.escape(names)):
+        client.submit_many([{"action": "noop"}, job])
+    assert count(client.store) == 0

@@ -41,5 +41,5 @@ def test_unknown_group_is_a_clear_error(environ, tmp_path):
     config = write_config(tmp_path / "config", 'group = "no-such-group-here"\n')
     result = subprocess.run(runjobs_cmd("list"), env={**environ, "RUNJOBS_CONFIG": str(config)},
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a bad setting is bad input
     assert "group: no such group on this host: 'no-such-group-here'" in result.stderr

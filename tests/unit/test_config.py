@@ -237,10 +237,95 @@ def test_pg_url(url, expected):
     ("postgresql://jobs:pa:ss%40word@db/runjobs", "postgresql://jobs:***@db/runjobs"),
     ("postgresql://jobs@db/runjobs", "postgresql://jobs@db/runjobs"),
     ("sqlite:////var/lib/runjobs/runjobs.db", "sqlite:////var/lib/runjobs/runjobs.db"),
+    # An unencoded '@' (or newline) in the password: masked to the last '@'.
+    ("postgresql://jobs:s3cret@ss%40word@db:5432/runjobs", "postgresql://jobs:***@db:5432/runjobs"),
+    ("postgresql://jobs:s3c@ret@ss@word@db/runjobs", "postgresql://jobs:***@db/runjobs"),
+    ("postgresql://jobs:s3cret\nss%40word@db/runjobs", "postgresql://jobs:***@db/runjobs"),
+    ("postgresql://:s3cret@ss%40word@db/runjobs", "postgresql://:***@db/runjobs"),
 ])
 def test_mask_url_hides_the_password(url, expected):
     assert mask_url(url) == expected
     assert "s3cret" not in mask_url(url) and "ss%40word" not in mask_url(url)
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("postgresql://jobs:s3cr@p4ss@db:5432/runjobs",
+     "postgresql+psycopg2://jobs:s3cr%40p4ss@db:5432/runjobs"),
+    ("postgresql://jobs:a@b:c@d@db/runjobs", "postgresql+psycopg2://jobs:a%40b:c%40d@db/runjobs"),
+    ("postgresql://jobs:s3cr%40p4ss@db/runjobs", "postgresql+psycopg2://jobs:s3cr%40p4ss@db/runjobs"),
+    ("postgresql://jobs:pw@db/runjobs?application_name=a@b",
+     "postgresql+psycopg2://jobs:pw@db/runjobs?application_name=a@b"),
+    ("sqlite:////var/lib/a@b/runjobs.db", "sqlite:////var/lib/a@b/runjobs.db"),
+])
+def test_database_url_reads_a_password_to_the_last_at(url, expected):
+    import sqlalchemy as sa
+
+    assert config.database_url(url) == expected
+    assert "@" not in (sa.make_url(expected).host or "")
+
+
+@pytest.mark.parametrize("url, names", [
+    ("garbage", "not a database URL"),
+    ("", "not a database URL"),
+    ("jobs:s3cret@db/runjobs", "not a database URL"),
+    ("mysql://jobs:s3cret@db/runjobs", "'mysql' is not supported"),
+    ("postgresql+psycopg://jobs:s3cret@db/runjobs", "psycopg2"),
+    ("postgresql://jobs:s3cret@db:abc/runjobs", "port"),
+    ("postgresql://jobs:s3cret@db:0/runjobs", "port"),
+    ("postgresql://jobs:s3c@ret@db:65536/runjobs", "port"),
+])
+def test_bad_database_urls_never_print_the_password(url, names):
+    with pytest.raises(ConfigError, match="^database_url: ") as caught:
+        config.database_url(url)
+    assert names in str(caught.value)
+    assert "s3c" not in str(caught.value) and "ret" not in str(caught.value)
+
+
+def test_a_bad_setting_names_where_it_came_from(home):
+    with pytest.raises(ConfigError, match=r"^period: .* \(from RUNJOBS_PERIOD\)$"):
+        load_settings(env(home, period="inf"))
+    with pytest.raises(ConfigError, match=r"^crash_limit: .* \(in .*custom.toml\)$"):
+        load_settings(with_file(home, "crash_limit = inf\n"))
+    with pytest.raises(ConfigError, match=r"^capacity.default: .*inf \(in .*custom.toml\)$"):
+        load_settings(with_file(home, "capacity = {default = inf}\n"))
+    with pytest.raises(ConfigError, match=r"^capacity.default: .* \(from RUNJOBS_CAPACITY\)$"):
+        load_settings(env(home, capacity='{"default": 1e999}'))
+    with pytest.raises(ConfigError, match=r"^warning_exit_codes: .*'abc' \(from RUNJOBS_WA"):
+        load_settings(env(home, warning_exit_codes="abc"))
+    with pytest.raises(ConfigError, match=r"^database_url: .* \(from RUNJOBS_DATABASE_URL\)$"):
+        load_settings(with_file(home, 'database_url = "sqlite:///x"\n', database_url="x"))
+    with pytest.raises(ConfigError, match="^margin: .*[^)]$"):  # given by the caller
+        load_settings(env(home), margin=120.0)
+
+
+def test_toml_that_is_not_utf8_names_the_file(home):
+    path = home / "custom.toml"
+    path.write_bytes(b'node = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match=r"custom.toml: not UTF-8 text \(byte 12\)"):
+        load_settings({**env(home), "RUNJOBS_CONFIG": str(path)})
+
+
+@pytest.mark.parametrize("text", ["inf", "1e300", "99999999999d", "36501d", 10**400, 1e300,
+                                  float("inf"), "9" * 400 + "s"])
+def test_durations_past_100_years_are_refused(text):
+    with pytest.raises(ConfigError, match="^retention: more than the limit of 100 years"):
+        parse_duration(text, "retention")
+
+
+def test_a_duration_of_100_years_is_accepted():
+    assert parse_duration("36500d", "x") == 36500 * 86400
+
+
+@pytest.mark.parametrize("text", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"])
+def test_times_outside_years_1_to_9999_in_utc_are_refused(text):
+    with pytest.raises(ConfigError, match="^at: .* out of range: years 1 to 9999 in UTC"):
+        config.parse_when(text, "at")
+
+
+def test_times_at_the_edges_of_the_range_are_accepted():
+    assert config.parse_when("0001-01-01T00:00:00Z").year == 1
+    assert config.parse_when("0001-01-01T00:00:00-01:00").hour == 1
+    assert config.parse_when("9999-12-31T23:59:59+14:00").hour == 9
 
 
 def test_settings_are_frozen(home):

@@ -286,6 +286,9 @@ def test_an_unregistered_module_path_imports_nothing(settings_with_actions, tmp_
     ('callable = "a:b"\nisolation = "fork"', "actions.bad.isolation"),
     ('callable = "a:b"\ntimeout = "soon"', "actions.bad.timeout"),
     ('callable = "a:b"\nretries = -1', "actions.bad.retries"),
+    ('callable = "a:b"\nretries = 2147483648', "actions.bad.retries"),
+    ('callable = "a:b"\npriority = -2147483649', "actions.bad.priority"),
+    ('callable = "a:b"\ntimeout = inf', "actions.bad.timeout"),
     ('callable = "a:b"\nneeds = {scan = "x"}', "actions.bad.needs"),
     ('command = ["/bin/true"]\nfinal_exit_codes = ["x"]', "actions.bad.final_exit_codes"),
 ])
