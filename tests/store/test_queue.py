@@ -126,15 +126,15 @@ def test_submit_stores_every_option(store):
 
 def submit_out_of_order(store: Store, needs: dict[str, int] | None) -> list[int]:
     """Six due jobs submitted out of claim order; their ids in claim order.
-    The third in that order gets `needs`."""
+    The second in that order gets `needs`."""
     base = ago(store, 100)
     at = lambda s: base + dt.timedelta(seconds=s)  # noqa: E731
     low_old = submit(store, priority=0, run_at=at(0))
-    high_late = submit(store, priority=5, run_at=at(50), needs=needs)
+    high_late = submit(store, priority=5, run_at=at(50))
     high_early = submit(store, priority=5, run_at=at(10))
     low_old_twin = submit(store, priority=0, run_at=at(0))
     negative = submit(store, priority=-1, run_at=at(-50))
-    high_early_twin = submit(store, priority=5, run_at=at(10))
+    high_early_twin = submit(store, priority=5, run_at=at(10), needs=needs)
     return [high_early, high_early_twin, high_late, low_old, low_old_twin, negative]
 
 
