@@ -19,6 +19,8 @@ import sqlalchemy as sa
 
 from runjobs.config import Settings, load_settings, pg_url
 from runjobs import migrate
+from runjobs.models import Status
+from runjobs.schema import jobs
 from runjobs.store import Store, make_engine, open_store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,3 +135,19 @@ def show_job(environ: dict[str, str], job_id: int) -> dict:
 def is_postgres(store: Store) -> bool:
     """For tests whose SQL (EXPLAIN, catalogue queries) differs by database."""
     return store.dialect.name == "postgresql"
+
+
+def queue_directly(store: Store, runner_id: int, ids: list[int], node: str) -> None:
+    """Leave the PENDING jobs `ids` QUEUED under `runner_id` on `node` by
+    writing their rows, as a runner stopped between its claim and its start
+    left them (a crash, a start whose answer was lost, an older runjobs).
+    The runner's round claims and starts in one statement, so no store call
+    leaves a job QUEUED; tests of what becomes of one write the state
+    directly (STYLE 8). The event trigger records the claim as usual."""
+    now = store.db_now()
+    with store.engine.begin() as conn:
+        queued = conn.execute(
+            sa.update(jobs).where(jobs.c.id.in_(ids), jobs.c.status == Status.PENDING.value)
+            .values(status=Status.QUEUED.value, runner_id=runner_id, node=node,
+                    queued_at=now, updated_at=now)).rowcount
+    assert queued == len(ids), f"not all of {ids} were PENDING"

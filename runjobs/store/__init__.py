@@ -24,14 +24,14 @@ import sqlalchemy as sa
 from ..config import Settings, mask_url
 from ..errors import SchemaError
 from ..schema import HEAD_REVISION
-from .claim import Claim, ClaimQueries
+from .claim import ClaimQueries
 from .control import ControlQueries
 from .dialect import dialect_for, utcnow
 from .reads import ReadQueries
 from .runners import RunnerQueries, RunnerRow
 from .submit import SubmitQueries, Submitted
 
-__all__ = ["Claim", "RunnerRow", "Store", "Submitted", "make_engine", "open_store", "utcnow"]
+__all__ = ["RunnerRow", "Store", "Submitted", "make_engine", "open_store", "utcnow"]
 
 
 class Store(SubmitQueries, ClaimQueries, ControlQueries, RunnerQueries, ReadQueries):

@@ -10,7 +10,6 @@ what it left.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Mapping, Sequence
 
@@ -21,16 +20,7 @@ from ..models import Job, Outcome, Status
 from ..schema import ACTIVE_STATUSES, jobs, runners
 from .finish import FinishQueries
 from .plain_round import PlainRound
-from .shared import ORDER, PENDING, STARTED, active, held_by, job_of, status_is
-
-
-@dataclasses.dataclass(frozen=True)
-class Claim:
-    """What one claim round got: the jobs, best first, and the node's use
-    before it (empty when nothing was due)."""
-
-    jobs: list[Job]
-    used: dict[str, int]
+from .shared import ORDER, PENDING, STARTED, active, held_by, status_is
 
 
 class ClaimQueries(PlainRound, FinishQueries):
@@ -60,7 +50,7 @@ class ClaimQueries(PlainRound, FinishQueries):
                     return started
                 if limit is not None:
                     limit -= len(started)
-            chosen, _ = self._choose(conn, node, capacity, limit)
+            chosen = self._choose(conn, node, capacity, limit)
             if not chosen:
                 return started
             rows = self._driver_run(conn, self._claim_start_sql, ids=chosen,
@@ -69,21 +59,21 @@ class ClaimQueries(PlainRound, FinishQueries):
         return started + [by_id[job_id] for job_id in chosen if job_id in by_id]
 
     def _choose(self, conn: sa.Connection, node: str, capacity: Mapping[str, int],
-                limit: int | None) -> tuple[list[int], dict[str, int]]:
+                limit: int | None) -> list[int]:
         """The ids of due jobs that fit the node's free capacity, best first
-        (locked against other claimers), and the node's use."""
+        (locked against other claimers)."""
         most = sum(max(0, n) for n in capacity.values())
         if limit is not None:
             most = min(most, limit)
         if most <= 0:
-            return [], {}
+            return []
         # Look past a few jobs that need more than is free, so one big job
         # at the head of the queue does not stop small ones from starting.
         rows = self._driver_run(conn, self._candidates_sql, node_name=node, count=most + 16)
         used = usage(self.dialect.json_from_driver(rows[0][2]) or ()) if rows else {}
         free = {name: count - used.get(name, 0) for name, count in capacity.items()}
         decode = self.dialect.json_from_driver
-        return fitting(((job_id, decode(needs)) for job_id, needs, _ in rows), free, most), used
+        return fitting(((job_id, decode(needs)) for job_id, needs, _ in rows), free, most)
 
     def _started(self, row: tuple, runner_id: int, node: str) -> Job:
         """A job the runner just started, from its `STARTED` columns read
@@ -157,60 +147,6 @@ class ClaimQueries(PlainRound, FinishQueries):
         """Claim and start in one statement: PENDING -> RUNNING. The event
         trigger still records the claim (QUEUED) before the start."""
         return self._claim_update(**self._start_values()).returning(*STARTED)
-
-    def jobs_claim(self, runner_id: int, node: str, capacity: Mapping[str, int],
-                   limit: int | None = None) -> Claim:
-        """PENDING -> QUEUED for due jobs that fit the node's free capacity.
-
-        The node's use is counted from its QUEUED/RUNNING/TO_CANCEL rows in
-        the same transaction, so a draining runner's jobs count too. `limit`
-        caps the number of jobs (None: as many as fit).
-        """
-        with self._tx() as conn:
-            ids, used = self._claim_in(conn, runner_id, node, capacity, limit)
-            rows = conn.execute(sa.select(jobs).where(jobs.c.id.in_(ids))).all() if ids else []
-        by_id = {row.id: job_of(row) for row in rows}
-        return Claim([by_id[job_id] for job_id in ids], used)
-
-    def _claim_in(self, conn: sa.Connection, runner_id: int, node: str,
-                  capacity: Mapping[str, int], limit: int | None
-                  ) -> tuple[list[int], dict[str, int]]:
-        """Claim in `conn`: the ids claimed, best first, and the node's use."""
-        chosen, used = self._choose(conn, node, capacity, limit)
-        if not chosen:
-            return [], used
-        claimed = set(self._run(conn, self._claim_sql, ids=chosen, runner=runner_id,
-                                node_name=node).scalars())
-        return [job_id for job_id in chosen if job_id in claimed], used
-
-    @functools.cached_property
-    def _claim_sql(self) -> sa.Update:
-        return self._claim_update(status=Status.QUEUED.value).returning(jobs.c.id)
-
-    def jobs_start(self, runner_id: int, ids: Sequence[int]) -> list[Job]:
-        """QUEUED -> RUNNING (attempt + 1) for this runner's jobs.
-
-        A job canceled while QUEUED is not started: it ends CANCELED here.
-        Returns the jobs that did start.
-        """
-        if not ids:
-            return []
-        with self._tx() as conn:
-            return self._start_in(conn, runner_id, ids)
-
-    def _start_in(self, conn: sa.Connection, runner_id: int, ids: Sequence[int]) -> list[Job]:
-        now = self.dialect.now()
-        rows = conn.execute(
-            sa.update(jobs)
-            .where(jobs.c.id.in_(ids), jobs.c.runner_id == runner_id,
-                   jobs.c.status == Status.QUEUED.value)
-            .values(status=Status.RUNNING.value, attempt=jobs.c.attempt + 1,
-                    started_at=now, updated_at=now, error=None)
-            .returning(*jobs.c)
-        ).all()
-        if len(rows) < len(ids):
-            self._cancel_unstarted(conn, runner_id, ids)
-        return [job_of(r) for r in rows]
 
     def _cancel_unstarted(self, conn: sa.Connection, runner_id: int, ids: Sequence[int]) -> None:
         now = self.dialect.now()

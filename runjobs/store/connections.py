@@ -131,11 +131,6 @@ class Connections:
 
     # -- running statements built once ----------------------------------------------
 
-    def _run(self, conn: sa.Connection, statement: sa.Executable, **params: Any
-             ) -> sa.CursorResult:
-        """Execute a statement built once, its 'now' the dialect's `clock`."""
-        return conn.execute(statement, self.dialect.clock_params(params))
-
     def _driver_run(self, conn: sa.Connection, statement: sa.Executable,
                     columns: tuple[str, ...] = (), row_id: bool = False,
                     **params: Any) -> list[tuple]:

@@ -43,35 +43,16 @@ def fill(store: Store, count: int) -> list[int]:
 
 def drain(store: Store, runner_id: int, node: str, capacity: dict[str, int],
           limit: int | None) -> list[int]:
-    """Claim, start and finish until no job is PENDING; the ids claimed."""
-    claimed: list[int] = []
-    while True:
-        claim = store.jobs_claim(runner_id, node, capacity, limit)
-        if not claim.jobs:
-            # Empty may mean "the others hold the rest locked".
-            if not store.jobs_list([Status.PENDING], limit=1):
-                return claimed
-            continue
-        used = sum(needs_of(job.needs)["default"] for job in claim.jobs)
-        assert used + claim.used.get("default", 0) <= capacity["default"], "over capacity"
-        claimed += [job.id for job in claim.jobs]
-        started = store.jobs_start(runner_id, [job.id for job in claim.jobs])
-        assert len(started) == len(claim.jobs)
-        time.sleep(0.002)  # the jobs' work: lets the other claimers in between rounds
-        written = store.jobs_finish(runner_id, [(j, Outcome(Status.SUCCESS), None) for j in started])
-        assert sorted(written) == sorted(j.id for j in started)
-
-
-def drain_in_rounds(store: Store, runner_id: int, node: str, capacity: dict[str, int],
-                    limit: int | None) -> list[int]:
-    """The same as a runner does it: each runner_round writes the last
-    round's outcomes and claims and starts what fits; the ids claimed."""
+    """Round after round, as a runner does it: each runner_round writes the
+    last round's outcomes and claims and starts what fits, until no job is
+    PENDING; the ids claimed."""
     claimed: list[int] = []
     running = []
     while True:
         done = [(job, Outcome(Status.SUCCESS), None) for job in running]
         running = store.runner_round(runner_id, node, capacity, done, claim=True, limit=limit)
         if not running:
+            # Empty may mean "the others hold the rest locked".
             if not store.jobs_list([Status.PENDING], limit=1):
                 return claimed
             continue
@@ -80,10 +61,7 @@ def drain_in_rounds(store: Store, runner_id: int, node: str, capacity: dict[str,
         assert used <= capacity["default"], "over capacity"
         assert limit is None or len(running) <= limit
         claimed += [job.id for job in running]
-        time.sleep(0.002)
-
-
-DRAINS = {"claim": drain, "round": drain_in_rounds}
+        time.sleep(0.002)  # the jobs' work: lets the other claimers in between rounds
 
 
 def assert_each_claimed_once(store: Store, all_ids: list[int], claimed: list[list[int]]) -> None:
@@ -101,9 +79,8 @@ def assert_each_claimed_once(store: Store, all_ids: list[int], claimed: list[lis
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("way", DRAINS)
 @pytest.mark.parametrize("capacity, limit", [UNLIMITED, LIMITED], ids=["unlimited", "capacity2"])
-def test_threads_claim_each_job_exactly_once(store, capacity, limit, way):
+def test_threads_claim_each_job_exactly_once(store, capacity, limit):
     threads_count, jobs_count = 6, 480
     all_ids = fill(store, jobs_count)
     barrier = threading.Barrier(threads_count)
@@ -117,12 +94,11 @@ def test_threads_claim_each_job_exactly_once(store, capacity, limit, way):
             barrier.wait(timeout=10)
             # runner_round keeps one connection for its loop's thread: a
             # store of its own per thread, as each runner process has.
-            own = open_store(store.settings) if way == "round" else store
+            own = open_store(store.settings)
             try:
-                claimed[index] = DRAINS[way](own, runner_id, node, capacity, limit)
+                claimed[index] = drain(own, runner_id, node, capacity, limit)
             finally:
-                if own is not store:
-                    own.dispose()
+                own.dispose()
         except BaseException as exc:  # reported below, in the test's thread
             errors.append(exc)
             barrier.abort()
@@ -139,14 +115,13 @@ def test_threads_claim_each_job_exactly_once(store, capacity, limit, way):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("way", DRAINS)
 @pytest.mark.parametrize("capacity, limit", [UNLIMITED, LIMITED], ids=["unlimited", "capacity2"])
-def test_processes_claim_each_job_exactly_once(store, environ, capacity, limit, way):
+def test_processes_claim_each_job_exactly_once(store, environ, capacity, limit):
     processes_count, jobs_count = 4, 400
     all_ids = fill(store, jobs_count)
     procs = [
         subprocess.Popen([sys.executable, str(WORKER), f"node-{i}", json.dumps(capacity),
-                          json.dumps(limit), way],
+                          json.dumps(limit)],
                          env=environ, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
         for i in range(processes_count)

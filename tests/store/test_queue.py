@@ -1,8 +1,11 @@
 """The queue's contract, run against a real SQLite file and a real PostgreSQL.
 
-Every test talks to the store the way the runner and the CLI do; nothing is
-faked. Times in the past or future are relative to the store's own clock
-(`db_now`), so the tests do not depend on the host and the database agreeing.
+Every test talks to the store the way the runner and the CLI do: jobs are
+claimed and started by `runner_round`, the runner's one claim path. Only a
+job left QUEUED (claimed, never started), which no store call leaves, is
+written directly (`queue_directly`). Times in the past or future are
+relative to the store's own clock (`db_now`), so the tests do not depend on
+the host and the database agreeing.
 """
 
 from __future__ import annotations
@@ -16,11 +19,19 @@ import sqlalchemy as sa
 
 from runjobs.config import load_settings
 from runjobs.errors import Conflict, NotFound, StoreError
-from runjobs.models import JobSpec, Outcome, Status
+from runjobs.models import Job, JobSpec, Outcome, Status
 from runjobs.store import Store, open_store
-from tests.conftest import is_postgres, write_config
+from tests.conftest import is_postgres, queue_directly, write_config
 
 CAPACITY = {"default": 10}
+WITH_SCAN = {"default": 10, "scan": 1}
+# PostgreSQL's round claims jobs with the default needs in its first
+# statement and leaves the others to the fit in Python (which decides every
+# claim on SQLite). A test parametrized by `needs` runs with plain jobs only
+# ("plain") and with a job of the other kind among them ("mixed"): the same
+# jobs must come out, in the same order, either way.
+BY_NEEDS = pytest.mark.parametrize("needs", [None, {"default": 1, "scan": 1}],
+                                   ids=["plain", "mixed"])
 
 
 def submit(store: Store, action: str = "noop", **fields) -> int:
@@ -31,14 +42,16 @@ def register(store: Store, node: str = "node-a") -> int:
     return store.runner_register(node, os.getpid(), None, None, "test")
 
 
-def claim_ids(store: Store, runner_id: int, node: str = "node-a",
-              capacity=CAPACITY, limit: int | None = None) -> list[int]:
-    return [job.id for job in store.jobs_claim(runner_id, node, capacity, limit).jobs]
+def claim_jobs(store: Store, runner_id: int, node: str = "node-a", capacity=CAPACITY,
+               limit: int | None = None, done=()) -> list[Job]:
+    """One round as the runner does it: write the outcomes `done`, claim the
+    due jobs that fit and start them (RUNNING). The jobs started, best first."""
+    return store.runner_round(runner_id, node, capacity, list(done), claim=True, limit=limit)
 
 
-def run_to_running(store: Store, runner_id: int, node: str = "node-a") -> list[int]:
-    """Claim and start everything due that fits; the ids that started."""
-    return [job.id for job in store.jobs_start(runner_id, claim_ids(store, runner_id, node))]
+def claim_ids(store: Store, runner_id: int, node: str = "node-a", capacity=CAPACITY,
+              limit: int | None = None, done=()) -> list[int]:
+    return [job.id for job in claim_jobs(store, runner_id, node, capacity, limit, done)]
 
 
 def status(store: Store, job_id: int) -> Status:
@@ -64,10 +77,11 @@ def test_submit_returns_new_increasing_ids_for_pending_jobs(store):
     assert all(j.attempt == 0 and j.runner_id is None and j.created_at for j in jobs)
 
 
-def test_submit_with_hold_is_held_and_never_claimed(store):
-    held = submit(store, hold=True)
+@BY_NEEDS
+def test_submit_with_hold_is_held_and_never_claimed(store, needs):
+    held = submit(store, hold=True, needs=needs)
     assert status(store, held) == Status.HELD
-    assert claim_ids(store, register(store)) == []
+    assert claim_ids(store, register(store), capacity=WITH_SCAN) == []
     assert status(store, held) == Status.HELD
 
 
@@ -110,7 +124,9 @@ def test_submit_stores_every_option(store):
 # -- claim --------------------------------------------------------------------------
 
 
-def test_claim_order_is_priority_then_run_at_then_id(store):
+def submit_out_of_order(store: Store, needs: dict[str, int] | None) -> list[int]:
+    """Six due jobs submitted out of claim order; their ids in claim order.
+    The second in that order gets `needs`."""
     base = ago(store, 100)
     at = lambda s: base + dt.timedelta(seconds=s)  # noqa: E731
     low_old = submit(store, priority=0, run_at=at(0))
@@ -118,40 +134,57 @@ def test_claim_order_is_priority_then_run_at_then_id(store):
     high_early = submit(store, priority=5, run_at=at(10))
     low_old_twin = submit(store, priority=0, run_at=at(0))
     negative = submit(store, priority=-1, run_at=at(-50))
-    high_early_twin = submit(store, priority=5, run_at=at(10))
-    expected = [high_early, high_early_twin, high_late, low_old, low_old_twin, negative]
+    high_early_twin = submit(store, priority=5, run_at=at(10), needs=needs)
+    return [high_early, high_early_twin, high_late, low_old, low_old_twin, negative]
 
+
+@BY_NEEDS
+def test_claim_order_is_priority_then_run_at_then_id(store, needs):
+    expected = submit_out_of_order(store, needs)
     runner = register(store)
-    one_by_one = [claim_ids(store, runner, limit=1) for _ in expected]
+    one_by_one = [claim_ids(store, runner, capacity=WITH_SCAN, limit=1) for _ in expected]
     assert one_by_one == [[i] for i in expected]
-    assert claim_ids(store, runner) == []
+    assert claim_ids(store, runner, capacity=WITH_SCAN) == []
 
 
-def test_claim_returns_jobs_best_first_and_marks_them_queued(store):
+@BY_NEEDS
+def test_one_round_takes_the_best_jobs_that_fit_in_claim_order(store, needs):
+    expected = submit_out_of_order(store, needs)
+    assert claim_ids(store, register(store), capacity={"default": 4, "scan": 1}) == expected[:4]
+    other = register(store, "node-b")
+    assert claim_ids(store, other, "node-b", WITH_SCAN) == expected[4:]
+
+
+def test_round_returns_jobs_best_first_and_starts_them_with_attempt_one(store):
     base = ago(store, 10)
     ids = [submit(store, priority=p, run_at=base) for p in (1, 3, 2)]
     runner = register(store)
-    claim = store.jobs_claim(runner, "node-a", CAPACITY)
-    assert [j.id for j in claim.jobs] == [ids[1], ids[2], ids[0]]
-    for job in claim.jobs:
-        assert job.status == Status.QUEUED and job.runner_id == runner and job.node == "node-a"
-        assert job.queued_at is not None and job.started_at is None
-        assert store.job_get(job.id).status == Status.QUEUED
+    started = claim_jobs(store, runner)
+    assert [j.id for j in started] == [ids[1], ids[2], ids[0]]
+    for job in started:
+        assert (job.status, job.attempt, job.runner_id, job.node) == (
+            Status.RUNNING, 1, runner, "node-a")
+        stored = store.job_get(job.id)
+        assert (stored.status, stored.attempt, stored.runner_id, stored.node) == (
+            Status.RUNNING, 1, runner, "node-a")
+        assert stored.queued_at is not None and stored.started_at is not None
 
 
-def test_claim_takes_only_due_jobs(store):
+@BY_NEEDS
+def test_claim_takes_only_due_jobs(store, needs):
     due = submit(store, run_at=ago(store, 1))
-    later = submit(store, run_in=3600)
-    scheduled = submit(store, run_at=store.db_now() + dt.timedelta(minutes=5))
+    later = submit(store, run_in=3600, needs=needs)
+    scheduled = submit(store, run_at=store.db_now() + dt.timedelta(minutes=5), needs=needs)
     runner = register(store)
-    assert claim_ids(store, runner) == [due]
+    assert claim_ids(store, runner, capacity=WITH_SCAN) == [due]
     assert status(store, later) == status(store, scheduled) == Status.PENDING
 
 
-def test_claim_skips_jobs_past_their_max_start(store):
-    expired = submit(store, run_at=ago(store, 60), max_start_at=ago(store, 30))
+@BY_NEEDS
+def test_claim_skips_jobs_past_their_max_start(store, needs):
+    expired = submit(store, run_at=ago(store, 60), max_start_at=ago(store, 30), needs=needs)
     fresh = submit(store, run_at=ago(store, 60), max_start_at=store.db_now() + dt.timedelta(hours=1))
-    assert claim_ids(store, register(store)) == [fresh]
+    assert claim_ids(store, register(store), capacity=WITH_SCAN) == [fresh]
     assert status(store, expired) == Status.PENDING
 
 
@@ -165,11 +198,13 @@ def test_claim_limit_caps_the_number_of_jobs(store):
 def test_claim_stops_at_free_capacity(store):
     ids = [submit(store) for _ in range(5)]
     runner = register(store)
-    claim = store.jobs_claim(runner, "node-a", {"default": 3})
-    assert [j.id for j in claim.jobs] == ids[:3]
-    assert claim.used == {}
-    again = store.jobs_claim(runner, "node-a", {"default": 3})
-    assert again.jobs == [] and again.used == {"default": 3}
+    capacity = {"default": 3}
+    first = claim_jobs(store, runner, capacity=capacity)
+    assert [j.id for j in first] == ids[:3]
+    assert claim_ids(store, runner, capacity=capacity) == []
+    # The node's use is counted from its jobs: one ends, one slot is free.
+    assert claim_ids(store, runner, capacity=capacity,
+                     done=[(first[0], Outcome(Status.SUCCESS), None)]) == [ids[3]]
 
 
 def test_capacity_counts_other_runners_jobs_on_the_same_node(store):
@@ -177,8 +212,8 @@ def test_capacity_counts_other_runners_jobs_on_the_same_node(store):
     old_runner, new_runner, elsewhere = register(store), register(store), register(store, "node-b")
     capacity = {"default": 3}
 
-    queued = claim_ids(store, old_runner, capacity=capacity, limit=2)
-    store.jobs_start(old_runner, queued[:1])            # one RUNNING, one QUEUED
+    (running,) = claim_jobs(store, old_runner, capacity=capacity, limit=1)
+    queue_directly(store, old_runner, [ids[1]], "node-a")  # one RUNNING, one QUEUED
     assert claim_ids(store, new_runner, capacity=capacity) == [ids[2]]
     assert claim_ids(store, new_runner, capacity=capacity) == []
 
@@ -186,12 +221,12 @@ def test_capacity_counts_other_runners_jobs_on_the_same_node(store):
     assert claim_ids(store, elsewhere, "node-b", capacity) == ids[3:6]
 
     # A job being canceled still holds its share until its runner stops it.
-    store.job_cancel(queued[0])
-    assert status(store, queued[0]) == Status.TO_CANCEL
+    store.job_cancel(running.id)
+    assert status(store, running.id) == Status.TO_CANCEL
     assert claim_ids(store, new_runner, capacity=capacity) == []
 
     # Finishing frees it, for any runner on the node.
-    store.jobs_finish(old_runner, [(store.job_get(queued[0]), Outcome(Status.FAILURE), None)])
+    store.jobs_finish(old_runner, [(running, Outcome(Status.FAILURE), None)])
     store.jobs_unclaim(old_runner)
     submit(store)
     assert len(claim_ids(store, new_runner, capacity=capacity)) == 2
@@ -204,13 +239,13 @@ def test_job_needing_a_named_resource_waits_until_it_is_free(store):
     runner = register(store)
     capacity = {"default": 4, "scan": 1}
 
-    assert claim_ids(store, runner, capacity=capacity) == [scan1, plain]
+    first = claim_jobs(store, runner, capacity=capacity)
+    assert [j.id for j in first] == [scan1, plain]
     assert claim_ids(store, runner, capacity=capacity) == []
     assert status(store, scan2) == Status.PENDING
 
-    (job,) = store.jobs_start(runner, [scan1])
-    store.jobs_finish(runner, [(job, Outcome(Status.SUCCESS), None)])
-    assert claim_ids(store, runner, capacity=capacity) == [scan2]
+    assert claim_ids(store, runner, capacity=capacity,
+                     done=[(first[0], Outcome(Status.SUCCESS), None)]) == [scan2]
 
 
 def test_job_needing_a_resource_the_node_lacks_is_never_claimed(store):
@@ -243,13 +278,7 @@ def test_multi_resource_needs_must_all_fit(store):
     assert status(store, both) == Status.PENDING
 
 
-# -- a runner's round: the same fit, in one statement where SQL can decide it --------
-
-
-def round_ids(store: Store, runner_id: int, capacity, done=(), limit: int | None = None,
-              node: str = "node-a") -> list[int]:
-    return [job.id for job in store.runner_round(runner_id, node, capacity, list(done),
-                                                 claim=True, limit=limit)]
+# -- the fit: plain jobs and jobs with other needs in one round ----------------------
 
 
 def test_round_takes_jobs_with_other_needs_in_their_place(store):
@@ -261,7 +290,7 @@ def test_round_takes_jobs_with_other_needs_in_their_place(store):
     runner = register(store)
     # a, b: 2 of 5 default slots; gpu: the gpu; c, d: 4 of 5; big needs 3 of
     # the 1 left and waits; e: the last slot. In the queue's order.
-    assert round_ids(store, runner, {"default": 5, "gpu": 1}) == [a, b, gpu, c, d, e]
+    assert claim_ids(store, runner, capacity={"default": 5, "gpu": 1}) == [a, b, gpu, c, d, e]
     assert status(store, big) == Status.PENDING
 
 
@@ -269,12 +298,12 @@ def test_round_counts_the_nodes_jobs_with_other_needs(store):
     wide = submit(store, needs={"default": 3}, priority=5)
     plain = [submit(store) for _ in range(4)]
     runner, draining = register(store), register(store)
-    assert round_ids(store, draining, {"default": 4}) == [wide, plain[0]]
+    assert claim_ids(store, draining, capacity={"default": 4}) == [wide, plain[0]]
     # The node is full, whichever of its runners asks.
-    assert round_ids(store, runner, {"default": 4}) == []
+    assert claim_ids(store, runner, capacity={"default": 4}) == []
     # The wide job ends: its 3 slots are free again.
     wide_job = store.job_get(wide)
-    assert round_ids(store, draining, {"default": 4},
+    assert claim_ids(store, draining, capacity={"default": 4},
                      done=[(wide_job, Outcome(Status.SUCCESS), None)]) == plain[1:]
     assert status(store, wide) == Status.SUCCESS
 
@@ -282,55 +311,45 @@ def test_round_counts_the_nodes_jobs_with_other_needs(store):
 def test_round_fills_only_free_slots_and_keeps_to_its_limit(store):
     ids = [submit(store) for _ in range(10)]
     runner = register(store)
-    first = store.runner_round(runner, "node-a", {"default": 4}, [], claim=True, limit=3)
+    first = claim_jobs(store, runner, capacity={"default": 4}, limit=3)
     assert [job.id for job in first] == ids[:3]
     # One of three ends: 2 of 4 slots are free.
-    assert round_ids(store, runner, {"default": 4},
+    assert claim_ids(store, runner, capacity={"default": 4},
                      done=[(first[0], Outcome(Status.SUCCESS), None)]) == ids[3:5]
-    assert round_ids(store, runner, {"default": 4}) == []
+    assert claim_ids(store, runner, capacity={"default": 4}) == []
 
 
 def test_round_with_fewer_jobs_due_than_free_slots_takes_them_all(store):
     ids = [submit(store) for _ in range(3)]
     later = submit(store, run_in=3600)
     runner = register(store)
-    assert round_ids(store, runner, {"default": 8}) == ids
-    assert round_ids(store, runner, {"default": 8}) == []
+    assert claim_ids(store, runner, capacity={"default": 8}) == ids
+    assert claim_ids(store, runner, capacity={"default": 8}) == []
     assert status(store, later) == Status.PENDING
 
 
-# -- start ----------------------------------------------------------------------------
+# -- jobs a runner holds --------------------------------------------------------------
 
 
-def test_start_makes_queued_jobs_running_with_attempt_one(store):
-    ids = [submit(store) for _ in range(2)]
+def test_round_never_takes_a_job_another_runner_holds(store):
+    queued, running, scheduled = submit(store), submit(store), submit(store, run_in=3600)
+    runner, intruder = register(store), register(store, "node-b")
+    queue_directly(store, runner, [queued], "node-a")
+    assert claim_ids(store, runner) == [running]
+    assert claim_ids(store, intruder, "node-b") == []
+    assert [status(store, i) for i in (queued, running, scheduled)] == [
+        Status.QUEUED, Status.RUNNING, Status.PENDING]
+    assert store.job_get(queued).attempt == 0
+    assert store.job_get(queued).runner_id == store.job_get(running).runner_id == runner
+
+
+def test_job_canceled_while_queued_is_never_started_and_ends_canceled(store):
+    cancel = submit(store)
     runner = register(store)
-    claim_ids(store, runner)
-    started = store.jobs_start(runner, ids)
-    assert sorted(j.id for j in started) == ids
-    for job_id in ids:
-        job = store.job_get(job_id)
-        assert job.status == Status.RUNNING and job.attempt == 1
-        assert job.started_at is not None and job.runner_id == runner
-
-
-def test_start_only_starts_this_runners_queued_jobs(store):
-    mine, pending = submit(store), submit(store, run_in=3600)
-    runner, intruder = register(store), register(store)
-    claim_ids(store, runner)
-    assert store.jobs_start(intruder, [mine, pending]) == []
-    assert status(store, mine) == Status.QUEUED
-    assert status(store, pending) == Status.PENDING
-    assert store.job_get(mine).attempt == 0
-
-
-def test_job_canceled_while_queued_is_not_started_and_ends_canceled(store):
-    keep, cancel = submit(store), submit(store)
-    runner = register(store)
-    claim_ids(store, runner)
+    queue_directly(store, runner, [cancel], "node-a")
     assert store.job_cancel(cancel) == Status.TO_CANCEL
-    started = store.jobs_start(runner, [keep, cancel])
-    assert [j.id for j in started] == [keep]
+    assert claim_ids(store, runner) == []
+    store.jobs_unclaim(runner)  # at its deadline
     job = store.job_get(cancel)
     assert job.status == Status.CANCELED and job.started_at is None
     assert job.finished_at is not None and job.attempt == 0
@@ -342,7 +361,7 @@ def test_job_canceled_while_queued_is_not_started_and_ends_canceled(store):
 def test_finish_a_batch_of_successes(store):
     ids = [submit(store) for _ in range(4)]
     runner = register(store)
-    jobs = store.jobs_start(runner, claim_ids(store, runner))
+    jobs = claim_jobs(store, runner)
     written = store.jobs_finish(runner, [(job, Outcome(Status.SUCCESS), None) for job in jobs])
     assert sorted(written) == ids
     for job_id in ids:
@@ -354,7 +373,7 @@ def test_finish_a_batch_of_successes(store):
 def test_finish_mixed_outcomes_with_output_and_error(store):
     ids = [submit(store) for _ in range(3)]
     runner = register(store)
-    jobs = {j.id: j for j in store.jobs_start(runner, claim_ids(store, runner))}
+    jobs = {j.id: j for j in claim_jobs(store, runner)}
     written = store.jobs_finish(runner, [
         (jobs[ids[0]], Outcome(Status.WARNING, output="3 hosts skipped", error="host-4 down"), None),
         (jobs[ids[1]], Outcome(Status.FAILURE, error="Traceback: boom"), None),
@@ -371,7 +390,7 @@ def test_finish_mixed_outcomes_with_output_and_error(store):
 def test_finish_with_retry_goes_back_to_pending_later_keeping_attempt_and_error(store):
     job_id = submit(store, retries=2)
     runner = register(store)
-    (job,) = store.jobs_start(runner, claim_ids(store, runner))
+    (job,) = claim_jobs(store, runner)
     before = store.db_now()
     written = store.jobs_finish(runner, [(job, Outcome(Status.FAILURE, error="boom"), 300)])
     assert written == [job_id]
@@ -389,11 +408,10 @@ def test_finish_with_retry_goes_back_to_pending_later_keeping_attempt_and_error(
 def test_retried_job_runs_again_with_attempt_raised(store):
     job_id = submit(store, retries=1)
     runner = register(store)
-    (job,) = store.jobs_start(runner, claim_ids(store, runner))
+    (job,) = claim_jobs(store, runner)
     store.jobs_finish(runner, [(job, Outcome(Status.FAILURE, error="first"), 0)])
-    assert claim_ids(store, runner) == [job_id]
-    (again,) = store.jobs_start(runner, [job_id])
-    assert again.attempt == 2
+    (again,) = claim_jobs(store, runner)
+    assert (again.id, again.attempt) == (job_id, 2)
     store.jobs_finish(runner, [(again, Outcome(Status.SUCCESS), None)])
     assert store.job_get(job_id).status == Status.SUCCESS
 
@@ -401,7 +419,7 @@ def test_retried_job_runs_again_with_attempt_raised(store):
 def test_job_being_canceled_that_fails_ends_canceled_and_is_never_retried(store):
     retry_asked, plain = submit(store, retries=5), submit(store)
     runner = register(store)
-    jobs = {j.id: j for j in store.jobs_start(runner, claim_ids(store, runner))}
+    jobs = {j.id: j for j in claim_jobs(store, runner)}
     assert store.job_cancel(retry_asked) == Status.TO_CANCEL
     assert store.job_cancel(plain) == Status.TO_CANCEL
     written = store.jobs_finish(runner, [
@@ -419,7 +437,7 @@ def test_job_being_canceled_that_fails_ends_canceled_and_is_never_retried(store)
 def test_finish_from_another_runner_writes_nothing(store):
     job_id = submit(store)
     owner, other = register(store), register(store)
-    (job,) = store.jobs_start(owner, claim_ids(store, owner))
+    (job,) = claim_jobs(store, owner)
     assert store.jobs_finish(other, [(job, Outcome(Status.SUCCESS, output="x"), None)]) == []
     assert store.jobs_finish(other, [(job, Outcome(Status.FAILURE, error="x"), 0)]) == []
     after = store.job_get(job_id)
@@ -432,7 +450,7 @@ def test_finish_from_another_runner_writes_nothing(store):
 def test_finish_twice_writes_once(store):
     job_id = submit(store)
     runner = register(store)
-    (job,) = store.jobs_start(runner, claim_ids(store, runner))
+    (job,) = claim_jobs(store, runner)
     assert store.jobs_finish(runner, [(job, Outcome(Status.SUCCESS), None)]) == [job_id]
     assert store.jobs_finish(runner, [(job, Outcome(Status.FAILURE, error="late"), None)]) == []
     assert store.job_get(job_id).status == Status.SUCCESS
@@ -442,7 +460,7 @@ def test_finish_twice_writes_once(store):
 def test_finish_of_a_job_never_started_writes_nothing(store):
     job_id = submit(store)
     runner = register(store)
-    claim_ids(store, runner)
+    queue_directly(store, runner, [job_id], "node-a")
     job = store.job_get(job_id)
     assert store.jobs_finish(runner, [(job, Outcome(Status.SUCCESS), None)]) == []
     assert status(store, job_id) == Status.QUEUED
@@ -454,8 +472,8 @@ def test_finish_of_a_job_never_started_writes_nothing(store):
 def test_unclaim_puts_back_queued_jobs_but_not_running_ones(store):
     ids = [submit(store) for _ in range(3)]
     runner = register(store)
-    claim_ids(store, runner)
-    store.jobs_start(runner, ids[:1])
+    assert claim_ids(store, runner, limit=1) == ids[:1]
+    queue_directly(store, runner, ids[1:], "node-a")
     assert store.jobs_unclaim(runner) == 2
     assert status(store, ids[0]) == Status.RUNNING
     for job_id in ids[1:]:
@@ -469,8 +487,8 @@ def test_unclaim_puts_back_queued_jobs_but_not_running_ones(store):
 def test_unclaim_only_the_given_ids_and_only_this_runners(store):
     ids = [submit(store) for _ in range(3)]
     runner, other = register(store), register(store)
-    claim_ids(store, runner, limit=2)
-    claim_ids(store, other)
+    queue_directly(store, runner, ids[:2], "node-a")
+    queue_directly(store, other, ids[2:], "node-a")
     assert store.jobs_unclaim(runner, [ids[0]]) == 1
     assert [status(store, i) for i in ids] == [Status.PENDING, Status.QUEUED, Status.QUEUED]
     assert store.jobs_unclaim(runner, [ids[2]]) == 0
@@ -480,7 +498,7 @@ def test_unclaim_only_the_given_ids_and_only_this_runners(store):
 def test_unclaim_ends_a_job_canceled_before_it_started_canceled(store):
     canceled, kept = submit(store), submit(store)
     runner = register(store)
-    claim_ids(store, runner)
+    queue_directly(store, runner, [canceled, kept], "node-a")
     store.job_cancel(canceled)
     assert store.jobs_unclaim(runner) == 1
     assert status(store, kept) == Status.PENDING
@@ -491,7 +509,7 @@ def test_unclaim_ends_a_job_canceled_before_it_started_canceled(store):
 def test_unclaim_leaves_a_running_job_being_canceled_to_its_runner(store):
     job_id = submit(store)
     runner = register(store)
-    store.jobs_start(runner, claim_ids(store, runner))
+    claim_jobs(store, runner)
     store.job_cancel(job_id)
     assert store.jobs_unclaim(runner) == 0
     assert status(store, job_id) == Status.TO_CANCEL
@@ -513,8 +531,8 @@ def test_cancel_pending_and_held_jobs_at_once(store):
 def test_cancel_queued_or_running_asks_the_runner(store):
     queued, running = submit(store), submit(store)
     runner = register(store)
-    claim_ids(store, runner)
-    store.jobs_start(runner, [running])
+    queue_directly(store, runner, [queued], "node-a")
+    assert claim_ids(store, runner) == [running]
     assert store.job_cancel(queued) == Status.TO_CANCEL
     assert store.job_cancel(running) == Status.TO_CANCEL
     assert status(store, queued) == status(store, running) == Status.TO_CANCEL
@@ -526,7 +544,7 @@ def test_cancel_queued_or_running_asks_the_runner(store):
 def test_cancel_a_final_job_is_a_conflict(store):
     job_id = submit(store)
     runner = register(store)
-    (job,) = store.jobs_start(runner, claim_ids(store, runner))
+    (job,) = claim_jobs(store, runner)
     store.jobs_finish(runner, [(job, Outcome(Status.SUCCESS), None)])
     with pytest.raises(Conflict, match="SUCCESS"):
         store.job_cancel(job_id)
@@ -545,18 +563,20 @@ def test_cancel_a_missing_job_is_not_found(store):
 
 def test_expire_pending_jobs_past_their_max_start(store):
     late = submit(store, run_at=ago(store, 60), max_start_at=ago(store, 1))
+    queued_late = submit(store, run_at=ago(store, 60), max_start_at=ago(store, 1))
+    started = submit(store, max_start_at=store.db_now() + dt.timedelta(seconds=30))
+    runner = register(store)
+    queue_directly(store, runner, [queued_late], "node-a")  # claimed before its max start
+    assert claim_ids(store, runner) == [started]
     in_time = submit(store, max_start_at=store.db_now() + dt.timedelta(hours=1))
     unbounded = submit(store)
-    runner = register(store)
-    started = submit(store, max_start_at=store.db_now() + dt.timedelta(seconds=30))
-    store.jobs_start(runner, claim_ids(store, runner, limit=None)[-1:])
 
     assert store.jobs_expire() == 1
     job = store.job_get(late)
     assert job.status == Status.EXPIRED and job.finished_at is not None and job.error
-    assert status(store, in_time) == Status.QUEUED
-    assert status(store, unbounded) == Status.QUEUED
+    assert status(store, queued_late) == Status.QUEUED
     assert status(store, started) == Status.RUNNING
+    assert status(store, in_time) == status(store, unbounded) == Status.PENDING
     assert store.jobs_expire() == 0
 
 
@@ -579,9 +599,10 @@ def test_same_key_while_open_returns_the_same_job(store):
 def test_same_key_is_the_same_job_while_queued_and_running(store):
     job_id = submit(store, key="k")
     runner = register(store)
-    claim_ids(store, runner)
+    queue_directly(store, runner, [job_id], "node-a")
     assert store.jobs_submit([JobSpec("noop", key="k")])[0].id == job_id
-    (job,) = store.jobs_start(runner, [job_id])
+    store.jobs_unclaim(runner)
+    (job,) = claim_jobs(store, runner)
     assert store.jobs_submit([JobSpec("noop", key="k")])[0].id == job_id
     store.jobs_finish(runner, [(job, Outcome(Status.SUCCESS), None)])
     again = store.jobs_submit([JobSpec("noop", key="k")])[0]
@@ -620,7 +641,7 @@ def timeline(store: Store, job_id: int) -> list[tuple]:
 def test_timeline_of_a_job_that_runs_and_succeeds(store):
     job_id = submit(store)
     runner = register(store)
-    (job,) = store.jobs_start(runner, claim_ids(store, runner))
+    (job,) = claim_jobs(store, runner)
     store.job_progress(job_id, 1, 2, "half")  # not a status change: no event
     store.jobs_finish(runner, [(job, Outcome(Status.SUCCESS), None)])
     assert timeline(store, job_id) == [
@@ -638,9 +659,9 @@ def test_timeline_of_a_job_that_runs_and_succeeds(store):
 def test_timeline_of_a_job_that_is_retried(store):
     job_id = submit(store, retries=1)
     first, second = register(store), register(store)
-    (job,) = store.jobs_start(first, claim_ids(store, first))
+    (job,) = claim_jobs(store, first)
     store.jobs_finish(first, [(job, Outcome(Status.FAILURE, error="boom"), 0)])
-    (job,) = store.jobs_start(second, claim_ids(store, second))
+    (job,) = claim_jobs(store, second)
     store.jobs_finish(second, [(job, Outcome(Status.FAILURE, error="boom again"), None)])
     assert timeline(store, job_id) == [
         (Status.PENDING, None, None, 0),
@@ -660,7 +681,7 @@ def test_timeline_of_held_released_and_canceled_jobs(store):
     store.job_cancel(held)
     queued = submit(store)
     runner = register(store)
-    claim_ids(store, runner)
+    queue_directly(store, runner, [queued], "node-a")
     store.job_cancel(queued)
     store.jobs_unclaim(runner)
     assert timeline(store, held) == [
@@ -678,7 +699,7 @@ def test_timeline_of_held_released_and_canceled_jobs(store):
 def test_timeline_of_an_unclaimed_and_an_expired_job(store):
     job_id = submit(store, max_start_at=store.db_now() + dt.timedelta(seconds=60))
     runner = register(store)
-    claim_ids(store, runner)
+    queue_directly(store, runner, [job_id], "node-a")
     store.jobs_unclaim(runner)
     late = submit(store, max_start_at=ago(store, 1))
     store.jobs_expire()

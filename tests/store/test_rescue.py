@@ -17,8 +17,8 @@ import threading
 import pytest
 import sqlalchemy as sa
 
-from conftest import cli
-from runjobs.models import JobSpec, Outcome, Status
+from conftest import cli, queue_directly
+from runjobs.models import Job, JobSpec, Outcome, Status
 from runjobs.rescue import rescue_once
 from runjobs.runner import boot_id
 from runjobs.schema import jobs, runners
@@ -38,12 +38,13 @@ def register(store: Store, node: str = OTHER, pid: int | None = None,
     return store.runner_register(node, pid or os.getpid(), boot, None, "test")
 
 
-def claim(store: Store, runner_id: int, node: str = OTHER) -> list[int]:
-    return [j.id for j in store.jobs_claim(runner_id, node, CAPACITY).jobs]
+def start(store: Store, runner_id: int, node: str = OTHER) -> list[Job]:
+    """One round of the runner: what is due and fits, claimed and started."""
+    return store.runner_round(runner_id, node, CAPACITY, [], claim=True)
 
 
-def start(store: Store, runner_id: int, node: str = OTHER) -> list[int]:
-    return [j.id for j in store.jobs_start(runner_id, claim(store, runner_id, node))]
+def start_ids(store: Store, runner_id: int, node: str = OTHER) -> list[int]:
+    return [job.id for job in start(store, runner_id, node)]
 
 
 def age(store: Store, runner_id: int, seconds: float = 600) -> None:
@@ -75,7 +76,7 @@ def crash_once(store: Store, settings, job_id: int, node: str = OTHER,
                boot: str = "boot-1") -> Status:
     """Claim and start `job_id` on a new runner, let that runner die, rescue."""
     runner = register(store, node, boot=boot)
-    assert start(store, runner, node) == [job_id]
+    assert start_ids(store, runner, node) == [job_id]
     age(store, runner)
     assert rescue_once(store, settings, BOOT) == 1
     return store.job_get(job_id).status
@@ -87,7 +88,7 @@ def crash_once(store: Store, settings, job_id: int, node: str = OTHER,
 def test_dead_runners_queued_jobs_go_back_to_pending_unchanged(store, settings):
     ids = [submit(store, retries=0), submit(store, retries=0)]
     runner = register(store)
-    assert sorted(claim(store, runner)) == sorted(ids)
+    queue_directly(store, runner, ids, OTHER)
     age(store, runner)
 
     assert rescue_once(store, settings, BOOT) == 2
@@ -98,13 +99,13 @@ def test_dead_runners_queued_jobs_go_back_to_pending_unchanged(store, settings):
         assert crashes(store, job_id) == 0
     assert runner_state(store, runner) == "dead"
     # Back in the queue: another runner can claim them.
-    assert sorted(claim(store, register(store, "node-y"), "node-y")) == sorted(ids)
+    assert sorted(start_ids(store, register(store, "node-y"), "node-y")) == sorted(ids)
 
 
 def test_running_job_with_retries_left_is_retried_naming_the_dead_runner(store, settings):
     job_id = submit(store, retries=1)
     runner = register(store)
-    assert start(store, runner) == [job_id]
+    assert start_ids(store, runner) == [job_id]
     age(store, runner)
 
     assert rescue_once(store, settings, BOOT) == 1
@@ -117,13 +118,13 @@ def test_running_job_with_retries_left_is_retried_naming_the_dead_runner(store, 
     assert runner_state(store, runner) == "dead"
     # The retry runs as attempt 2.
     other = register(store, "node-y")
-    assert [j.attempt for j in store.jobs_start(other, claim(store, other, "node-y"))] == [2]
+    assert [j.attempt for j in start(store, other, "node-y")] == [2]
 
 
 def test_running_job_without_retries_left_is_abandoned_naming_the_dead_runner(store, settings):
     none_left = submit(store, retries=0)
     runner = register(store)
-    assert start(store, runner) == [none_left]
+    assert start_ids(store, runner) == [none_left]
     age(store, runner)
 
     assert rescue_once(store, settings, BOOT) == 1
@@ -142,11 +143,10 @@ def test_last_retry_used_up_is_abandoned(store, settings):
 def test_job_being_canceled_ends_canceled_not_retried(store, settings):
     running, queued = submit(store, retries=3), submit(store, retries=3)
     runner = register(store)
-    claimed = claim(store, runner)
-    store.jobs_start(runner, [running])
+    queue_directly(store, runner, [queued], OTHER)
+    assert start_ids(store, runner) == [running]
     assert store.job_cancel(running) == Status.TO_CANCEL
     assert store.job_cancel(queued) == Status.TO_CANCEL
-    assert sorted(claimed) == sorted([running, queued])
     age(store, runner)
 
     assert rescue_once(store, settings, BOOT) == 2
@@ -184,7 +184,7 @@ def test_a_run_that_ends_in_its_runner_resets_the_count(store, settings):
     assert crash_once(store, settings, job_id) == Status.PENDING
     # The third attempt fails on its own, and is retried: no crash.
     runner = register(store)
-    [job] = store.jobs_start(runner, claim(store, runner))
+    [job] = start(store, runner)
     assert store.jobs_finish(runner, [(job, Outcome(Status.FAILURE, error="boom"), 0.0)]) == [
         job_id]
     assert crashes(store, job_id) == 0
@@ -200,7 +200,7 @@ def test_host_restart_on_this_node_is_not_counted_against_the_job(store, setting
     # A runner of this node from an earlier boot: dead at once (its heartbeat
     # is fresh), and the host's restart took every job down.
     runner = register(store, settings.node, pid=os.getppid(), boot="an-earlier-boot")
-    assert start(store, runner, settings.node) == [job_id]
+    assert start_ids(store, runner, settings.node) == [job_id]
     assert rescue_once(store, settings, "this-boot") == 1
     job = store.job_get(job_id)
     assert job.status == Status.PENDING and crashes(store, job_id) == 2
@@ -213,7 +213,7 @@ def test_newer_runner_of_the_node_with_another_boot_means_host_restart(store, se
     for _ in range(2):
         assert crash_once(store, settings, job_id, boot="boot-1") == Status.PENDING
     old = register(store, OTHER, boot="boot-1")
-    assert start(store, old) == [job_id]
+    assert start_ids(store, old) == [job_id]
     age(store, old)
     newer = register(store, OTHER, boot="boot-2")   # the host came back
     assert rescue_once(store, settings, BOOT) == 1
@@ -250,7 +250,7 @@ def test_heartbeat_just_past_the_timeout_is_dead(store, settings):
 def test_runner_of_this_node_whose_pid_is_gone_is_dead_at_once(store, settings):
     job_id = submit(store, retries=1)
     runner = register(store, settings.node, pid=gone_pid(), boot=BOOT)
-    assert start(store, runner, settings.node) == [job_id]
+    assert start_ids(store, runner, settings.node) == [job_id]
 
     assert rescue_once(store, settings, BOOT) == 1  # no waiting for the timeout
     job = store.job_get(job_id)
@@ -303,7 +303,7 @@ def test_runners_that_exited_are_not_rescued(store, settings):
 def test_two_rescuers_at_once_only_one_rescues(store, settings):
     ids = [submit(store, retries=1) for _ in range(3)] + [submit(store, retries=0)]
     runner = register(store)
-    assert sorted(start(store, runner)) == sorted(ids)
+    assert sorted(start_ids(store, runner)) == sorted(ids)
     age(store, runner)
 
     stores = [open_store(settings) for _ in range(2)]
@@ -338,7 +338,7 @@ def test_two_rescuers_at_once_only_one_rescues(store, settings):
 def test_runners_json_shows_a_runner_without_heartbeat_dead(store, settings, environ):
     dead, alive = register(store), register(store, "node-y")
     job_id = submit(store, retries=0)
-    assert start(store, dead) == [job_id]
+    assert start_ids(store, dead) == [job_id]
     age(store, dead)
 
     result = cli(environ, "runners", "--json")
@@ -356,22 +356,22 @@ def test_runners_json_shows_a_runner_without_heartbeat_dead(store, settings, env
 def test_runner_declared_dead_that_comes_back_claims_nothing(store, settings):
     first = submit(store, retries=1)
     runner = register(store)
-    assert start(store, runner) == [first]
+    assert start_ids(store, runner) == [first]
     age(store, runner)
     assert rescue_once(store, settings, BOOT) == 1
     # It was only cut off; it heartbeats again, but its jobs went to others:
     # a claim by it could never be rescued again, so it gets nothing.
     store.runner_heartbeat(runner)
     later = submit(store, retries=0)
-    assert claim(store, runner) == []
+    assert start_ids(store, runner) == []
     assert store.job_get(later).status == Status.PENDING
-    assert sorted(claim(store, register(store, "node-y"), "node-y")) == sorted([first, later])
+    assert sorted(start_ids(store, register(store, "node-y"), "node-y")) == sorted([first, later])
 
 
 def test_a_heartbeat_that_arrives_before_the_rescue_is_written_saves_the_runner(store, settings):
     runner = register(store)
     job = submit(store, retries=1)
-    assert start(store, runner) == [job]
+    assert start_ids(store, runner) == [job]
     # The rescuer read an old heartbeat, then the runner beat again: the
     # rescue, re-checked in its own statement, does not happen.
     assert store.runner_rescue(runner, "stale read", 3, True,
@@ -391,12 +391,13 @@ def test_poison_error_says_the_job_took_its_runner_down(store, settings):
 
 
 def test_reconcile_puts_back_what_a_lost_answer_left_behind(store):
-    """A claim and a start committed but their answers were lost: the runner
-    runs none of these jobs, so once the database is back they go back."""
+    """A round (or, in older versions, a claim) committed but its answer
+    was lost: the runner runs none of these jobs, so once the database is
+    back they go back."""
     runner = register(store, node=OTHER)
     queued, running, canceling, kept = (submit(store) for _ in range(4))
-    claim(store, runner)
-    store.jobs_start(runner, [running, canceling, kept])
+    queue_directly(store, runner, [queued], OTHER)
+    assert start_ids(store, runner) == [running, canceling, kept]
     store.job_cancel(canceling)
     assert store.jobs_reconcile(runner, [kept]) == 3
     assert store.job_get(queued).status is Status.PENDING
