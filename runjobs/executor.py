@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from .actions import Action, JobCanceled, JobContext, JobLog
 from .errors import DoNotRetry
+from .groups import child_environment, die_with_runner
 from .models import Outcome, Status
 
 log = logging.getLogger("runjobs.executor")
@@ -103,19 +104,38 @@ def run_command(action: Action, ctx: JobContext, job_log: JobLog, grace: float) 
         os.write(log_fd, f"--- attempt {ctx.attempt}: {argv!r}\n".encode())
         try:
             # No shell, its own session (process group) so a stop reaches
-            # every process it started.
+            # every process it started; dies with its runner (groups.py).
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd,
                                        stderr=subprocess.STDOUT, start_new_session=True,
-                                       close_fds=True)
+                                       close_fds=True, env=child_environment(ctx.runner_id, ctx.id),
+                                       preexec_fn=die_with_runner())
         except OSError as exc:
             return Outcome(Status.FAILURE, error=f"cannot start {argv[0]}: {exc.strerror}",
                            retry=False)
+        if not group_recorded(process, ctx):
+            return DISOWNED
         code = _wait_or_stop(process, ctx, grace)
     finally:
         os.close(log_fd)
     if ctx.canceled:
         return stopped_outcome(ctx.cancel_reason)
     return classify_exit(code, action)
+
+
+# What a job whose runner was declared dead ends with; the runner discards it.
+DISOWNED = Outcome(Status.FAILURE, retry=False,
+                   error="stopped: its runner was declared dead, the job was rescued")
+
+
+def group_recorded(process: subprocess.Popen, ctx: JobContext) -> bool:
+    """Tell the runner the child's process group exists (it records it for a
+    rescuer). False if the job is no longer the runner's: the group is then
+    killed at once, before it does anything more."""
+    if ctx.group_started is None or ctx.group_started(process.pid):
+        return True
+    signal_group(process.pid, signal.SIGKILL)
+    process.wait()
+    return False
 
 
 def _wait_or_stop(process: subprocess.Popen, ctx: JobContext, grace: float) -> int:

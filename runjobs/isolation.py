@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 from .actions import BUILTINS, Action, JobCanceled, JobContext, JobLog
 from .files import Access
-from .executor import execute, signal_group, stopped_outcome
+from .executor import DISOWNED, execute, group_recorded, signal_group, stopped_outcome
+from .groups import child_environment, die_with_runner
 from .models import Outcome, Status
 
 ProgressCallback = Callable[[int, Any, Any, Any], None]
@@ -41,10 +42,15 @@ def run_in_process(action: Action, ctx: JobContext, job_log: JobLog, grace: floa
         process = subprocess.Popen(
             [sys.executable, "-m", "runjobs.isolation", str(write_fd)],
             stdin=subprocess.PIPE, stdout=log_fd, stderr=subprocess.STDOUT,
-            pass_fds=(write_fd,), start_new_session=True, close_fds=True)
+            pass_fds=(write_fd,), start_new_session=True, close_fds=True,
+            env=child_environment(ctx.runner_id, ctx.id), preexec_fn=die_with_runner())
     finally:
         os.close(write_fd)
         os.close(log_fd)
+    if not group_recorded(process, ctx):
+        os.close(read_fd)
+        process.stdin.close()
+        return DISOWNED
     request = {"name": action.name, "target": action.target, "id": ctx.id,
                "params": ctx.params, "attempt": ctx.attempt, "log": str(job_log.path),
                "access": dataclasses.astuple(job_log.access)}
