@@ -24,7 +24,7 @@ itself, between fork and exec. A wrapper program (`python -c`, then exec)
 cost 45 ms per command start here, against 2.5 ms for a plain start, and
 turns "no such file" into an exit code; util-linux's `setpriv --pdeathsig`
 is not on every host. `preexec_fn` forks instead of vforking (about 15 ms
-with a runner-sized heap) and runs Python in the child of a threaded
+with an 80 MB heap) and runs Python in the child of a threaded
 process, where any lock another thread held at the fork stays locked: so
 `_die_with_runner` takes none. It calls a `prctl` resolved beforehand and
 `os.getppid()`, imports nothing and logs nothing (CPython's own at-fork
