@@ -173,6 +173,12 @@ class JobContext:
         self._report_progress = report_progress
         self._cancel = threading.Event()
         self.cancel_reason = "canceled"
+        # Set by the runner for a job that starts a process (a command, or
+        # isolation = "process"): its id, for the group's marker, and what to
+        # call once the process group exists, which answers False when the
+        # job is no longer the runner's (see runjobs/groups.py).
+        self.runner_id: int | None = None
+        self.group_started: Callable[[int], bool] | None = None
 
     @property
     def log(self) -> logging.Logger:

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from .actions import Action, JobCanceled, JobContext, JobLog
 from .errors import DoNotRetry
+from .groups import child_environment, die_with_runner
 from .models import Outcome, Status
 
 log = logging.getLogger("runjobs.executor")
@@ -107,15 +108,18 @@ def run_command(action: Action, ctx: JobContext, job_log: JobLog, grace: float) 
     try:
         try:
             # No shell, its own session (process group) so a stop reaches
-            # every process it started.
+            # every process it started; dies with its runner (groups.py).
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=write_fd,
                                        stderr=subprocess.STDOUT, start_new_session=True,
-                                       close_fds=True)
+                                       close_fds=True, env=child_environment(ctx.runner_id, ctx.id),
+                                       preexec_fn=die_with_runner())
         except OSError as exc:
             return Outcome(Status.FAILURE, error=f"cannot start {argv[0]}: {exc.strerror}",
                            retry=False)
         finally:
             os.close(write_fd)  # the command has its own: the pipe ends when it is done
+        if not group_recorded(process, ctx):
+            return DISOWNED
         try:
             code = _wait_or_stop(process, read_fd, job_log, ctx, grace)
         finally:
@@ -125,6 +129,22 @@ def run_command(action: Action, ctx: JobContext, job_log: JobLog, grace: float) 
     if ctx.canceled:
         return stopped_outcome(ctx.cancel_reason)
     return classify_exit(code, action)
+
+
+# What a job whose runner was declared dead ends with; the runner discards it.
+DISOWNED = Outcome(Status.FAILURE, retry=False,
+                   error="stopped: its runner was declared dead, the job was rescued")
+
+
+def group_recorded(process: subprocess.Popen, ctx: JobContext) -> bool:
+    """Tell the runner the child's process group exists (it records it for a
+    rescuer). False if the job is no longer the runner's: the group is then
+    killed at once, before it does anything more."""
+    if ctx.group_started is None or ctx.group_started(process.pid):
+        return True
+    signal_group(process.pid, signal.SIGKILL)
+    process.wait()
+    return False
 
 
 def _wait_or_stop(process: subprocess.Popen, output: int, job_log: JobLog, ctx: JobContext,

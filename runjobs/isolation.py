@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 from .actions import BUILTINS, Action, JobCanceled, JobContext, JobLog
 from .files import Access
-from .executor import execute, signal_group, stopped_outcome
+from .executor import DISOWNED, execute, group_recorded, signal_group, stopped_outcome
+from .groups import child_environment, die_with_runner
 from .models import Outcome, Status
 
 ProgressCallback = Callable[[int, Any, Any, Any], None]
@@ -40,8 +41,12 @@ def run_in_process(action: Action, ctx: JobContext, job_log: JobLog, grace: floa
         process = subprocess.Popen(
             [sys.executable, "-m", "runjobs.isolation", str(pipes.results_end)],
             stdin=subprocess.PIPE, stdout=pipes.output_end, stderr=subprocess.STDOUT,
-            pass_fds=(pipes.results_end,), start_new_session=True, close_fds=True)
+            pass_fds=(pipes.results_end,), start_new_session=True, close_fds=True,
+            env=child_environment(ctx.runner_id, ctx.id), preexec_fn=die_with_runner())
         pipes.close_child_ends()
+        if not group_recorded(process, ctx):
+            process.stdin.close()
+            return DISOWNED
         _send_request(process, action, ctx, job_log)
         message, code, peak_kb = _watch(process, pipes, ctx, grace, report_progress)
     finally:

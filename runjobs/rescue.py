@@ -5,6 +5,17 @@ database's clock, or at once when it ran on this host, in this boot, and its
 pid no longer exists (a pid that exists may be reused: then the heartbeat
 decides, so a living runner is never declared dead). A runner of this host
 from an earlier boot is dead too: the host restarted.
+
+A dead runner's command may still run: in its own session, it outlives a
+SIGKILL of the runner (the parent-death signal ends its leader, not what the
+leader started), and a runner that is only frozen (SIGSTOP) is declared dead
+by its heartbeat while its commands go on. So the retry of a job whose
+process group the runner recorded is held back by `grace_period`, and a
+rescuer on the group's node and boot kills what is left of the group
+(`groups.kill_group`) and then lets the retry start at once. A rescuer on
+another host cannot: the retry starts when the hold ends, heartbeat_timeout
++ grace_period after the last heartbeat, or sooner when a runner of the dead
+runner's node has killed the group.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import os
 from typing import NamedTuple
 
 from .config import Settings
+from .groups import kill_group, marker
 from .store import RunnerRow, Store
 
 log = logging.getLogger("runjobs.rescue")
@@ -64,13 +76,33 @@ def rescue_once(store: Store, settings: Settings, my_boot: str | None,
         count_crash = not death.host_restarted and not _host_rebooted(store, runner)
         result = store.runner_rescue(
             runner.id, reason, settings.crash_limit, count_crash,
-            stale_after=settings.heartbeat_timeout if death.by_heartbeat else None)
+            stale_after=settings.heartbeat_timeout if death.by_heartbeat else None,
+            hold_groups=None if death.host_restarted else settings.grace_period)
         if result is None:
             continue  # another runner got there first
         touched += sum(len(ids) for ids in result.values())
         log.warning("%s: jobs requeued %s, retried %s, canceled %s, abandoned %s", reason,
                     result["requeued"], result["retried"], result["canceled"], result["abandoned"])
+    kill_orphan_groups(store, settings, my_boot)
     return touched
+
+
+def kill_orphan_groups(store: Store, settings: Settings, my_boot: str | None) -> int:
+    """Kill what is left of the process groups that dead runners of this
+    node recorded, and let the jobs' held retries start. A group of an
+    earlier boot is gone with it. Returns how many groups were cleared; a
+    group whose processes do not end stays, and its retry waits out its
+    hold."""
+    cleared = 0
+    for job_id, pgid, runner_id, boot in store.process_groups_of_dead(settings.node):
+        if my_boot is None or boot is None:
+            continue  # which boot it ran in is not known: nothing is provably ours
+        if boot == my_boot and not kill_group(pgid, marker(runner_id, job_id)):
+            log.error("job %s: process group %s of dead runner %s does not end; its retry "
+                      "waits out its hold", job_id, pgid, runner_id)
+            continue
+        cleared += store.process_group_cleared(job_id, runner_id)
+    return cleared
 
 
 def _host_rebooted(store: Store, runner: RunnerRow) -> bool:

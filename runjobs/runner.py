@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import dataclasses
+import functools
 import logging
 import os
 import queue
@@ -23,7 +24,7 @@ from . import __version__
 from .actions import Action, JobCanceled, JobContext, JobLog, Registry
 from .config import Settings
 from .errors import StoreError
-from .executor import execute, stopped_outcome
+from .executor import execute, signal_group, stopped_outcome
 from .models import Job, Outcome, Status
 from .capacity import usage
 from .store import Store
@@ -33,6 +34,7 @@ log = logging.getLogger("runjobs.runner")
 MAX_BACKOFF = 3600.0
 GATHER = 0.001       # seconds a round waits for more jobs to end once one has
 POLL_SLACK = 0.02    # seconds (at most a 20th of poll_interval) an idle round comes early
+DISOWNED_WAIT = 1.0  # seconds a runner declared dead waits for its stopped jobs to end
 
 
 def cycle_deadline(now: float, period: float, margin: float) -> float:
@@ -70,6 +72,7 @@ class RunningJob:
     done: bool = False                 # the thread has its outcome; no more stops
     stop_sent: bool = False
     stop_at: float | None = None       # monotonic time the stop was sent
+    pgid: int | None = None            # a command's process group, once recorded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +113,16 @@ class Runner:
         self._job_log_dir = settings.job_log_dir   # both built once, not per job
         self._access = settings.access
         self.ended: collections.Counter[str] = collections.Counter()  # outcomes, for the exit line
+        # Declared dead by another runner (found at a heartbeat or a check):
+        # every job is stopped at once, nothing more is written.
+        self.disowned = False
+        self._dead_heard = threading.Event()      # set by the heartbeat thread
+        self.discarded: collections.Counter[str] = collections.Counter()
+        # The lease: a runner is declared dead only once its last heartbeat
+        # is heartbeat_timeout old, so until `_lease_until` (monotonic) no
+        # one can have. After it, the loop asks before it reaps or writes.
+        self._lease = settings.heartbeat_timeout - settings.heartbeat_interval
+        self._lease_until = time.monotonic() + self._lease
 
     # -- one round ---------------------------------------------------------
 
@@ -117,12 +130,17 @@ class Runner:
         import datetime as dt
 
         when = dt.datetime.fromtimestamp(deadline, dt.timezone.utc) if deadline else None
+        begun = time.monotonic()
         self.runner_id = self.store.runner_register(
             self.settings.node, os.getpid(), self.boot_id, when, __version__)
+        self.beat_recorded(begun)
         log.info("runner %s started on %s (pid %s)", self.runner_id, self.settings.node, os.getpid())
         return self.runner_id
 
     def tick(self) -> TickResult:
+        if not self._still_ours():
+            self._reap_disowned()
+            return TickResult()
         finished = self._reap()
         self._deliver_timeouts()
         slots = self._own_free_slots()
@@ -137,6 +155,7 @@ class Runner:
                 started = self.store.runner_round(self.runner_id, self.settings.node,
                                                   self.settings.capacity, batch, claim, slots)
                 self._unreported = []
+                self._count(batch)
                 asked = True
             if asked:  # only an answer says the database is back, not a round without a query
                 self._database_ok()
@@ -207,6 +226,10 @@ class Runner:
         job_log = JobLog(f"{self._job_log_dir}{os.sep}{job.id}.log", self._access)
         context = JobContext(job.id, job.params, job.attempt, job_log,
                              self._report_progress)
+        if action is not None and (action.command is not None or action.isolation == "process"):
+            # It starts a process group: the group is recorded for a rescuer.
+            context.runner_id = self.runner_id
+            context.group_started = functools.partial(self._group_started, job.id)
         self.running[job.id] = RunningJob(job, action, context, time.monotonic())
         log.debug("job %s (%s) started, attempt %s", job.id, job.action, job.attempt)
         self._workers.submit(lambda: self._job_main(job.id, action, context, job_log))
@@ -260,6 +283,27 @@ class Runner:
             log.exception("job %s: unexpected error", context.id)
             return Outcome(Status.FAILURE, error="runjobs internal error; see runjobs.log")
 
+    def _group_started(self, job_id: int, pgid: int) -> bool:
+        """In a worker thread: the job's process group exists; record it for
+        a rescuer on this node. False if the job is not this runner's any
+        more: the caller kills the group at once."""
+        entry = self.running.get(job_id)
+        if entry is not None:
+            entry.pgid = pgid
+        if self.disowned:
+            return False
+        try:
+            if self.store.job_process_group(job_id, self.runner_id, pgid):
+                return True
+        except StoreError as exc:
+            # Unrecorded, the group is ended by the parent-death signal
+            # alone if this runner dies; the job runs on as before.
+            log.warning("job %s: its process group %s not recorded: %s", job_id, pgid, exc)
+            return True
+        self._lease_until = 0.0  # rescued under us: the loop asks at once
+        self._inbox.put(None)
+        return False
+
     def _mark_done(self, job_id: int) -> None:
         entry = self.running.get(job_id)
         if entry is None:
@@ -278,7 +322,6 @@ class Runner:
                 log.warning("job %s: its abandoned thread ended after all", job_id)
                 continue
             results.append((entry.job, outcome, self._retry_in(entry.job, outcome)))
-            self.ended[outcome.status.value] += 1
             # A line per SUCCESS costs a fast drain a sixth of its time:
             # those only at debug level; the exit line counts them.
             level = logging.DEBUG if outcome.status is Status.SUCCESS else logging.INFO
@@ -303,18 +346,102 @@ class Runner:
             return retry_delay(job.attempt, self.settings.retry_backoff)
         return None
 
+    def _count(self, batch: list[tuple[Job, Outcome, float | None]]) -> None:
+        """Outcomes recorded, for the exit line: counted once written, so the
+        line never claims what the database does not hold."""
+        for _job, outcome, _retry in batch:
+            self.ended[outcome.status.value] += 1
+
     def _report(self, results: list[tuple[Job, Outcome, float | None]]) -> None:
         batch = self._unreported + results
-        if not batch:
+        if not batch or self.disowned:
             return
         try:
             self.store.jobs_finish(self.runner_id, batch)
             self._unreported = []
+            self._count(batch)
         except StoreError as exc:
             if not self._unreported:
                 log.error("runner %s: cannot record %d outcome(s), will retry: %s",
                           self.runner_id, len(batch), exc)
             self._unreported = batch
+
+    # -- declared dead ----------------------------------------------------------
+
+    def beat_recorded(self, begun: float) -> None:
+        """A heartbeat that started at `begun` (monotonic) was written: no one
+        can declare this runner dead for the next lease."""
+        self._lease_until = max(self._lease_until, begun + self._lease)
+
+    def declared_dead(self) -> None:
+        """From the heartbeat thread: the runner's row says dead."""
+        self._dead_heard.set()
+        self._inbox.put(None)
+
+    def _still_ours(self) -> bool:
+        """Whether this runner's jobs are still its own: not declared dead by
+        another runner. The database is asked only once the lease ran out (a
+        heartbeat late, or the whole process stopped, e.g. by SIGSTOP): a
+        check per round would cost a drain of short jobs a query per round."""
+        if self.disowned:
+            return False
+        if self._dead_heard.is_set():
+            self._disown("found at its heartbeat")
+            return False
+        if self.runner_id is None or time.monotonic() < self._lease_until:
+            return True
+        begun = time.monotonic()
+        try:
+            alive = self.store.runner_heartbeat(self.runner_id)
+        except StoreError as exc:
+            # Nothing can be written meanwhile either; asked again next round.
+            self._database_failed(exc)
+            return True
+        if not alive:
+            self._disown(f"found after {time.monotonic() - self._lease_until + self._lease:.1f}s "
+                         "without a heartbeat")
+            return False
+        self.beat_recorded(begun)
+        return True
+
+    def _disown(self, how: str) -> None:
+        """Another runner declared this one dead and rescued its jobs: they
+        are someone else's now. Stop each at once (a command's group gets
+        SIGKILL, no grace), write nothing more, and leave."""
+        self.disowned = True
+        self.claiming = False
+        log.error("runner %s was declared dead by another runner (%s; heartbeat_timeout %gs) "
+                  "and its jobs were rescued: it stops its %d running job(s) at once, "
+                  "discards their results and exits", self.runner_id, how,
+                  self.settings.heartbeat_timeout, len(self.running))
+        for job, outcome, _retry in self._unreported:
+            self._discard(job.id, outcome)
+        self._unreported = []
+        for entry in list(self.running.values()):
+            if entry.pgid is not None:
+                signal_group(entry.pgid, signal.SIGKILL)
+            self._stop(entry, "stopped: its runner was declared dead")
+
+    def _reap_disowned(self) -> None:
+        """Discard what ended; give up on jobs that ignore their stop for a
+        moment (their threads die with the process)."""
+        for job_id, outcome in self._ended():
+            entry = self.running.pop(job_id, None)
+            if entry is not None:
+                entry.context.close_log()
+            self._discard(job_id, outcome)
+        now = time.monotonic()
+        for entry in list(self.running.values()):
+            if entry.stop_at is not None and now - entry.stop_at > DISOWNED_WAIT:
+                self.running.pop(entry.job.id)
+                self.abandoned += 1
+                log.error("job %s: does not stop; left to die with its runner", entry.job.id)
+
+    def _discard(self, job_id: int, outcome: Outcome) -> None:
+        self.discarded[outcome.status.value] += 1
+        log.warning("job %s: its result %s discarded, not recorded: runner %s was declared "
+                    "dead and the job rescued by another runner, whose record stands",
+                    job_id, outcome.status.value, self.runner_id)
 
     # -- stops: cancel and timeout ---------------------------------------------
 
@@ -413,7 +540,7 @@ class Runner:
         nothing is left), then drain the jobs still running."""
         if self.runner_id is None:
             self.register(deadline)
-        heartbeat = _Heartbeat(self.store, self.runner_id, self.settings.heartbeat_interval)
+        heartbeat = _Heartbeat(self)
         heartbeat.start()
         listener = self.store.listen(self._on_notify)
         try:
@@ -502,6 +629,11 @@ class Runner:
         return max(0.0, wait)
 
     def _finish(self) -> None:
+        if self.disowned:
+            log.error("runner %s exits, declared dead; nothing recorded since; results "
+                      "discarded: %s; jobs ended before: %s", self.runner_id,
+                      _counted(self.discarded), _counted(self.ended))
+            return
         self.stop_claiming()
         self._report([])
         if self._unreported:
@@ -514,12 +646,7 @@ class Runner:
             self.store.runner_set_state(self.runner_id, "exited")
         except StoreError as exc:
             log.error("runner %s: could not record its exit: %s", self.runner_id, exc)
-        log.info("runner %s exited; jobs ended: %s", self.runner_id, self._ended_text())
-
-    def _ended_text(self) -> str:
-        if not self.ended:
-            return "none"
-        return ", ".join(f"{count} {status}" for status, count in sorted(self.ended.items()))
+        log.info("runner %s exited; jobs ended: %s", self.runner_id, _counted(self.ended))
 
     def request_stop(self, *_args) -> None:
         """Signal handler: only set flags; the loop does the work. Running
@@ -530,6 +657,12 @@ class Runner:
         self._shutdown_at = now
         self.stop_requested = True
         self._inbox.put(None)  # SimpleQueue.put may be called from a signal handler
+
+
+def _counted(counts: collections.Counter[str]) -> str:
+    if not counts:
+        return "none"
+    return ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
 
 
 class _Workers:
@@ -562,25 +695,35 @@ class _Workers:
 
 
 class _Heartbeat(threading.Thread):
-    """Beats from its own thread so a busy loop or a long job cannot starve it."""
+    """Beats from its own thread so a busy loop or a long job cannot starve it.
+    A beat that finds the runner declared dead tells the runner and stops:
+    after a SIGSTOP that is the first thing to run, one interval at most."""
 
-    def __init__(self, store: Store, runner_id: int, interval: float) -> None:
+    def __init__(self, runner: Runner) -> None:
         super().__init__(name="heartbeat", daemon=True)
-        self.store, self.runner_id, self.interval = store, runner_id, interval
+        self.runner = runner
+        self.store, self.runner_id = runner.store, runner.runner_id
+        self.interval = runner.settings.heartbeat_interval
         self._stopped = threading.Event()
         self._failing = False
 
     def run(self) -> None:
         while not self._stopped.wait(self.interval):
+            begun = time.monotonic()
             try:
-                self.store.runner_heartbeat(self.runner_id)
-                if self._failing:
-                    log.info("runner %s: heartbeat recorded again", self.runner_id)
-                self._failing = False
+                alive = self.store.runner_heartbeat(self.runner_id)
             except StoreError as exc:
                 if not self._failing:
                     log.error("runner %s: heartbeat failed: %s", self.runner_id, exc)
                 self._failing = True
+                continue
+            if not alive:
+                self.runner.declared_dead()
+                return
+            self.runner.beat_recorded(begun)
+            if self._failing:
+                log.info("runner %s: heartbeat recorded again", self.runner_id)
+            self._failing = False
 
     def stop(self) -> None:
         self._stopped.set()

@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 
 # The Alembic revision this code expects; a test checks it is migrations' head.
-HEAD_REVISION = "0006"
+HEAD_REVISION = "0007"
 
 # The statuses the partial indexes cover, in the order their predicates name
 # them. SQLite uses a partial index only for a query that names the same
@@ -34,6 +34,7 @@ _KEY_OPEN = sa.text("key IS NOT NULL AND " + status_sql(NOT_FINAL_STATUSES))
 _FINAL = sa.text(status_sql(FINAL_STATUSES))
 _CRON = sa.text("cron_id IS NOT NULL")
 _RERUNS = sa.text("rerun_of IS NOT NULL")
+_WITH_GROUP = sa.text("pgid IS NOT NULL")
 _EXPIRY = sa.text(status_sql(("PENDING",)) + " AND max_start_at IS NOT NULL")
 
 
@@ -161,6 +162,11 @@ jobs = sa.Table(
     sa.Column("output", sa.Text),
     sa.Column("error", sa.Text),
     sa.Column("peak_rss_kb", sa.BigInteger),
+    # A command's process group (its pid) and the runner that started it
+    # (0007): a rescuer on the same node kills what is left of the group
+    # before the job's retry may start. NULL for jobs that are not commands.
+    sa.Column("pgid", sa.Integer),
+    sa.Column("pgid_runner", Id),
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Column("queued_at", UtcDateTime),
     sa.Column("started_at", UtcDateTime),
@@ -187,6 +193,8 @@ jobs = sa.Table(
     # Deleting a job looks for the jobs that rerun it (rerun_of's ON DELETE
     # SET NULL); without this, a scan of the table per deleted job (0006).
     _partial("ix_jobs_rerun_of", "rerun_of", where=_RERUNS),
+    # The groups of dead runners a rescuer kills: only rows with one (0007).
+    _partial("ix_jobs_process_group", "pgid_runner", where=_WITH_GROUP),
 )
 
 job_events = sa.Table(

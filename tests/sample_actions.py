@@ -92,3 +92,41 @@ def print_lines(ctx):
     """Prints `lines` lines (default 20,000) to stdout, as a careless action would."""
     for number in range(int(ctx.params.get("lines", 20000))):
         print(f"line {number} printed by a job {'x' * 60}")
+
+
+def ticker(ctx):
+    """Appends 'attempt pid time' every 0.05 s, `steps` times (counted, not
+    timed: a job frozen with its runner goes on where it stopped)."""
+    for _ in range(int(ctx.params.get("steps", 100))):
+        with open(ctx.params["path"], "a") as handle:
+            handle.write(f"{ctx.attempt} {os.getpid()} {time.time()}\n")
+        ctx.wait(0.05)
+
+
+def exclusive_copy(lock_path: str, out_path: str, seconds: float) -> None:
+    """One copy of a job's work: holds an exclusive flock on `lock_path`
+    while it runs, and appends to `out_path` 'start PID TIME', 'end PID
+    TIME', or 'overlap PID TIME' when another copy still held the lock."""
+    import fcntl
+
+    def record(what: str) -> None:
+        with open(out_path, "a") as handle:
+            handle.write(f"{what} {os.getpid()} {time.time()}\n")
+
+    lock = open(lock_path, "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        record("overlap")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    record("start")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    record("end")
+
+
+if __name__ == "__main__":  # a command's work: python sample_actions.py LOCK OUT SECONDS
+    import sys
+
+    exclusive_copy(sys.argv[1], sys.argv[2], float(sys.argv[3]))

@@ -94,6 +94,7 @@ class FinishQueries(Connections):
             .where(self.dialect.id_in_ids(jobs.c.id), jobs.c.runner_id == sa.bindparam("runner"),
                    status_is(jobs.c.status, RUNNING))
             .values(status=status, finished_at=now, updated_at=now, crashes=0,
+                    pgid=None, pgid_runner=None,
                     output=sa.bindparam("b_output"), error=sa.bindparam("b_error"),
                     peak_rss_kb=sa.func.coalesce(sa.bindparam("b_peak_rss_kb", type_=sa.BigInteger),
                                                  jobs.c.peak_rss_kb))
@@ -107,7 +108,8 @@ class FinishQueries(Connections):
                    jobs.c.status == Status.RUNNING.value)
             .values(status=Status.PENDING.value, run_at=self.dialect.now_plus(retry_in),
                     runner_id=None, node=None, queued_at=None, output=outcome.output,
-                    error=outcome.error, crashes=0, updated_at=self.dialect.now())
+                    error=outcome.error, crashes=0, pgid=None, pgid_runner=None,
+                    updated_at=self.dialect.now())
             .returning(jobs.c.id)
         )
         ids = list(result.scalars())

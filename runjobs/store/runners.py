@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from ..models import Status
 from ..schema import ACTIVE_STATUSES, jobs, runners
 from .connections import Connections
-from .shared import held_by, status_is
+from .shared import RUNNING, held_by, status_is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +45,13 @@ class RunnerQueries(Connections):
                 .returning(runners.c.id)
             ).scalar_one()
 
-    def runner_heartbeat(self, runner_id: int) -> None:
+    def runner_heartbeat(self, runner_id: int) -> bool:
+        """Record that the runner lives. False if it was declared dead (its
+        jobs rescued): nothing is written then, and the runner must stop."""
         with self._tx() as conn:
-            conn.execute(sa.update(runners).where(runners.c.id == runner_id)
-                         .values(heartbeat_at=self.dialect.now()))
+            return conn.execute(
+                sa.update(runners).where(runners.c.id == runner_id, runners.c.state != "dead")
+                .values(heartbeat_at=self.dialect.now())).rowcount == 1
 
     def runner_set_state(self, runner_id: int, state: str) -> None:
         with self._tx() as conn:
@@ -56,7 +59,9 @@ class RunnerQueries(Connections):
             values: dict[str, Any] = {"state": state, "heartbeat_at": now}
             if state == "exited":
                 values["exited_at"] = now
-            conn.execute(sa.update(runners).where(runners.c.id == runner_id).values(**values))
+            # A runner declared dead stays dead: its jobs are someone else's.
+            conn.execute(sa.update(runners).where(runners.c.id == runner_id,
+                                                  runners.c.state != "dead").values(**values))
 
     def runners_list(self, limit: int = 100) -> list[RunnerRow]:
         with self._read_tx() as conn:
@@ -96,16 +101,20 @@ class RunnerQueries(Connections):
                 .order_by(runners.c.id.desc()).limit(1)).scalar()
 
     def runner_rescue(self, runner_id: int, reason: str, crash_limit: int,
-                      count_crash: bool, stale_after: float | None = None
-                      ) -> dict[str, list[int]] | None:
+                      count_crash: bool, stale_after: float | None = None,
+                      hold_groups: float | None = None) -> dict[str, list[int]] | None:
         """Declare a runner dead and rescue its jobs, in one transaction.
 
         QUEUED -> PENDING; TO_CANCEL -> CANCELED; RUNNING -> PENDING as a retry
         when retries are left, else ABANDONED; a job that took its runner
-        down `crash_limit` times in a row -> ABANDONED. Returns the job ids by
-        what happened to them, or None if another runner rescued it first
-        (or, with `stale_after`, if its heartbeat is no longer that old: the
-        decision is re-checked in the same statement that makes it).
+        down `crash_limit` times in a row -> ABANDONED. With `hold_groups`, a
+        retry whose command's process group this runner recorded is due only
+        that many seconds later: its old attempt may still run until someone
+        on its node kills the group (`process_group_cleared` makes it due at
+        once). Returns the job ids by what happened to them, or None if
+        another runner rescued it first (or, with `stale_after`, if its
+        heartbeat is no longer that old: the decision is re-checked in the
+        same statement that makes it).
         """
         with self._tx() as conn:
             now = self.dialect.now()
@@ -125,10 +134,14 @@ class RunnerQueries(Connections):
                 error=f"canceled; {reason} before the job stopped"))
             crashes = jobs.c.crashes + (1 if count_crash else 0)
             poison = crashes >= crash_limit
+            run_at = now
+            if hold_groups:
+                its_group = sa.and_(jobs.c.pgid.is_not(None), jobs.c.pgid_runner == runner_id)
+                run_at = sa.case((its_group, self.dialect.now_plus(hold_groups)), else_=now)
             retried = self._rescue_update(
                 conn, sa.and_(mine, jobs.c.attempt <= jobs.c.retries, sa.not_(poison)),
                 Status.RUNNING, dict(status=Status.PENDING.value, runner_id=None, node=None,
-                                     queued_at=None, run_at=now, crashes=crashes,
+                                     queued_at=None, run_at=run_at, crashes=crashes,
                                      error=f"{reason} while the job ran; retried"))
             poisoned = self._rescue_update(conn, sa.and_(mine, poison), Status.RUNNING, dict(
                 status=Status.ABANDONED.value, finished_at=now, crashes=crashes,
@@ -139,6 +152,45 @@ class RunnerQueries(Connections):
                 error=f"{reason} while the job ran; no retries left"))
         return {"requeued": requeued, "canceled": canceled, "retried": retried,
                 "abandoned": poisoned + abandoned}
+
+    # -- process groups of commands (migration 0007) -------------------------------
+
+    def job_process_group(self, job_id: int, runner_id: int, pgid: int) -> bool:
+        """Record that the job's command runs in process group `pgid`, which
+        `runner_id` started. False if the job is no longer this runner's (it
+        was declared dead and the job rescued): the caller must stop the
+        command at once. Commands only: callables record nothing."""
+        with self._tx() as conn:
+            return conn.execute(
+                sa.update(jobs).where(jobs.c.id == job_id, held_by(runner_id),
+                                      status_is(jobs.c.status, RUNNING))
+                .values(pgid=pgid, pgid_runner=runner_id)).rowcount == 1
+
+    def process_groups_of_dead(self, node: str) -> list[tuple[int, int, int, str | None]]:
+        """(job id, pgid, runner id, the runner's boot id) of the process
+        groups that runners of `node` declared dead had recorded and that no
+        one has cleared yet (ix_jobs_process_group holds only these rows and
+        the running commands')."""
+        with self._read_tx() as conn:
+            return [tuple(row) for row in conn.execute(
+                sa.select(jobs.c.id, jobs.c.pgid, jobs.c.pgid_runner, runners.c.boot_id)
+                .join(runners, runners.c.id == jobs.c.pgid_runner)
+                .where(jobs.c.pgid.is_not(None), runners.c.node == node,
+                       runners.c.state == "dead")
+                .order_by(jobs.c.id))]
+
+    def process_group_cleared(self, job_id: int, runner_id: int) -> bool:
+        """The group `runner_id` recorded for the job is gone: forget it, and
+        a retry held for it (`runner_rescue`'s `hold_groups`) is due now.
+        False if the job has recorded another group since."""
+        with self._tx() as conn:
+            now = self.dialect.now()
+            held = sa.and_(jobs.c.status == Status.PENDING.value, jobs.c.run_at > now)
+            return conn.execute(
+                sa.update(jobs).where(jobs.c.id == job_id, jobs.c.pgid_runner == runner_id,
+                                      jobs.c.pgid.is_not(None))
+                .values(pgid=None, pgid_runner=None,
+                        run_at=sa.case((held, now), else_=jobs.c.run_at))).rowcount == 1
 
     def jobs_reconcile(self, runner_id: int, running_ids: Sequence[int]) -> int:
         """After the database came back: this runner's jobs that the database

@@ -43,7 +43,7 @@ def job_of(row: sa.Row) -> Job:
     values["status"] = Status(values["status"])
     values["needs"] = needs_of(values["needs"])
     values["params"] = values["params"] or {}
-    for column in ("cron_id", "cron_fire_at", "crashes"):
+    for column in ("cron_id", "cron_fire_at", "crashes", "pgid", "pgid_runner"):
         values.pop(column, None)
     return Job(**values)
 

@@ -22,7 +22,7 @@ from alembic.migration import MigrationContext
 from runjobs import migrate
 from runjobs.config import load_settings, pg_url
 from runjobs.errors import SchemaError
-from runjobs.models import JobSpec, Outcome, Status
+from runjobs.models import JobSpec, Status
 from runjobs.schema import HEAD_REVISION, metadata, use_dialect
 from runjobs.store import Store, make_engine, open_store
 
@@ -246,6 +246,15 @@ def test_0002_keeps_jobs_and_its_trigger_records_a_claim_that_starts(bare_store)
     assert timeline == [(None, Status.PENDING), (Status.PENDING, Status.RUNNING)]
 
 
+def finish_by_hand(store: Store, ids: list[int]) -> None:
+    """RUNNING -> SUCCESS in one statement, as the store's finish does; by
+    hand, because the store's own writes columns of later migrations (0007)."""
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE jobs SET status = 'SUCCESS', finished_at = updated_at "
+                             "WHERE id IN :ids").bindparams(sa.bindparam("ids", expanding=True)),
+                     {"ids": ids})
+
+
 def _event_fks(store: Store) -> list:
     with store.engine.connect() as conn:
         return sa.inspect(conn).get_foreign_keys("job_events")
@@ -287,7 +296,7 @@ def test_0003_events_of_many_jobs_in_one_statement_keep_each_timeline(bare_store
     runner = bare_store.runner_register("node-a", 1, None, None, "test")
     started = bare_store.runner_round(runner, "node-a", {"default": 5}, [], claim=True)
     assert sorted(job.id for job in started) == [s.id for s in submitted]
-    bare_store.jobs_finish(runner, [(job, Outcome(Status.SUCCESS), None) for job in started])
+    finish_by_hand(bare_store, [job.id for job in started])
     with bare_store.engine.begin() as conn:
         conn.execute(sa.text("UPDATE jobs SET status = 'PENDING', error = 'by hand' WHERE id = :id"),
                      {"id": submitted[0].id})
@@ -349,9 +358,12 @@ def test_0004_a_submit_stores_no_event_and_its_timeline_still_starts_with_it(bar
     assert _stored_events(bare_store, after.id) == [(None, "PENDING")]
 
 
-def _rows(store: Store, table: str) -> list[tuple]:
+def _rows(store: Store, table: str, width: int | None = None) -> list[tuple]:
+    """The table's rows; with `width`, only their first `width` columns (a
+    later migration appends columns)."""
     with store.engine.connect() as conn:
-        return conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY id")).all()
+        rows = conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY id")).all()
+    return [tuple(row)[:width] for row in rows]
 
 
 def _cron_fire_index(store: Store) -> tuple[bool, str | None]:
@@ -374,7 +386,7 @@ def test_0005_indexes_cron_jobs_only_and_keeps_every_row_link_and_trigger(bare_s
     runner = bare_store.runner_register("node-a", 1, None, None, "test")
     (first,) = bare_store.jobs_submit([JobSpec("noop", {"n": 1})])
     (started,) = bare_store.runner_round(runner, "node-a", {"default": 1}, [], claim=True)
-    bare_store.jobs_finish(runner, [(started, Outcome(Status.SUCCESS), None)])
+    finish_by_hand(bare_store, [started.id])
     rerun, cron_job = bare_store.jobs_submit([JobSpec("noop", rerun_of=first.id), JobSpec("noop")])
     fire = {"id": cron_job.id, "at": "2026-11-22 10:00:00"}
     with bare_store.engine.begin() as conn:
@@ -388,7 +400,7 @@ def test_0005_indexes_cron_jobs_only_and_keeps_every_row_link_and_trigger(bare_s
     assert schema_diff(bare_store) == []
     constraint, where = _cron_fire_index(bare_store)
     assert not constraint and "cron_id IS NOT NULL" in where
-    assert _rows(bare_store, "jobs") == jobs_before
+    assert _rows(bare_store, "jobs", len(jobs_before[0])) == jobs_before
     assert _rows(bare_store, "job_events") == events_before
     assert bare_store.job_get(rerun.id).rerun_of == first.id
     with pytest.raises(sa.exc.IntegrityError), bare_store.engine.begin() as conn:
@@ -403,9 +415,41 @@ def test_0005_indexes_cron_jobs_only_and_keeps_every_row_link_and_trigger(bare_s
     assert bare_store.job_events(first.id) == []
     assert bare_store.job_get(rerun.id).rerun_of is None  # ON DELETE SET NULL still holds
 
+    migrate.downgrade(bare_store, "0005")
     jobs_before = _rows(bare_store, "jobs")
     migrate.downgrade(bare_store, "0004")
     assert _cron_fire_index(bare_store) == (True, None)
     assert _rows(bare_store, "jobs") == jobs_before
+    migrate.upgrade(bare_store)
+    assert schema_diff(bare_store) == []
+
+
+def test_0007_adds_the_process_group_columns_under_existing_jobs_and_back(bare_store):
+    """0007 adds jobs.pgid and pgid_runner (NULL for the jobs already there)
+    and their partial index; down again, the rows are as they were and the
+    queue still works."""
+    migrate.upgrade(bare_store, "0006")
+    (old,) = bare_store.jobs_submit([JobSpec("noop")])
+    before = _rows(bare_store, "jobs")
+    migrate.upgrade(bare_store)
+    assert schema_diff(bare_store) == []
+    after = _rows(bare_store, "jobs")
+    assert [row[:len(before[0])] for row in after] == before
+    assert [row[len(before[0]):] for row in after] == [(None, None)]
+
+    runner = bare_store.runner_register("node-a", 1, None, None, "test")
+    (job,) = bare_store.runner_round(runner, "node-a", {"default": 1}, [], claim=True)
+    assert job.id == old.id
+    assert bare_store.job_process_group(job.id, runner, 4242)
+    with bare_store.engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT pgid, pgid_runner FROM jobs WHERE id = :id"),
+                              {"id": job.id}).one()
+    assert tuple(stored) == (4242, runner)
+
+    migrate.downgrade(bare_store, "0006")
+    assert len(_rows(bare_store, "jobs")[0]) == len(before[0])
+    with bare_store.engine.connect() as conn:
+        indexes = {i["name"] for i in sa.inspect(conn).get_indexes("jobs")}
+    assert "ix_jobs_process_group" not in indexes
     migrate.upgrade(bare_store)
     assert schema_diff(bare_store) == []

@@ -8,16 +8,19 @@ became of the jobs and the runner.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
 import threading
 
 import pytest
 import sqlalchemy as sa
 
-from conftest import cli, queue_directly
+from conftest import cli, queue_directly, wait_for
+from runjobs.groups import MARKER, marker
 from runjobs.models import Job, JobSpec, Outcome, Status
 from runjobs.rescue import rescue_once
 from runjobs.runner import boot_id
@@ -381,6 +384,132 @@ def test_a_heartbeat_that_arrives_before_the_rescue_is_written_saves_the_runner(
     age(store, runner)
     assert store.runner_rescue(runner, "really dead", 3, True,
                                stale_after=settings.heartbeat_timeout) is not None
+
+
+def test_heartbeat_of_a_runner_declared_dead_writes_nothing_and_says_so(store, settings):
+    runner = register(store)
+    assert store.runner_heartbeat(runner) is True
+    age(store, runner)
+    rescue_once(store, settings, BOOT)
+    assert store.runner_heartbeat(runner) is False
+    store.runner_set_state(runner, "exited")  # a late exit does not revive it either
+    assert runner_state(store, runner) == "dead"
+
+
+# -- a dead runner's command: its process group ----------------------------------------
+
+
+def command_group(runner_id: int, job_id: int) -> subprocess.Popen:
+    """A command's process group as a runner starts it: its own session, the
+    job's mark in its environment; its leader and a child of it sleep."""
+    env = {**os.environ, MARKER: marker(runner_id, job_id)}
+    return subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60; wait"], env=env,
+                            start_new_session=True)
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The living (not zombie) processes of group `pgid`."""
+    pids = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat") as handle:
+                state, _ppid, group = handle.read().rsplit(")", 1)[1].split()[:3]
+        except OSError:
+            continue
+        if int(group) == pgid and state != "Z":
+            pids.append(int(name))
+    return pids
+
+
+def recorded_group(store: Store, job_id: int) -> tuple:
+    with store.engine.begin() as conn:
+        return tuple(conn.execute(sa.select(jobs.c.pgid, jobs.c.pgid_runner)
+                                  .where(jobs.c.id == job_id)).one())
+
+
+@pytest.fixture
+def groups():
+    """Process groups started by a test, killed (and reaped) at its end."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for process in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def running_command(store: Store, groups: list, node: str, pid: int | None = None,
+                    mark_job: int | None = None) -> tuple[int, int, subprocess.Popen]:
+    """A RUNNING job with retries whose runner (on `node`, this boot)
+    recorded a live process group; (job id, runner id, its leader)."""
+    job_id = submit(store, retries=1)
+    runner = register(store, node, pid=pid, boot=BOOT)
+    assert start(store, runner, node) == [job_id]
+    process = command_group(runner, mark_job or job_id)
+    groups.append(process)
+    wait_for(lambda: len(group_pids(process.pid)) == 3, message="the group's three processes")
+    assert store.job_process_group(job_id, runner, process.pid)
+    return job_id, runner, process
+
+
+def test_rescuer_on_the_node_kills_the_dead_runners_group_then_retries_at_once(
+        store, settings, groups):
+    job_id, runner, process = running_command(store, groups, settings.node, pid=gone_pid())
+    assert recorded_group(store, job_id) == (process.pid, runner)
+
+    assert rescue_once(store, settings, BOOT) == 1
+    assert group_pids(process.pid) == []
+    job = store.job_get(job_id)
+    assert job.status == Status.PENDING and job.run_at <= store.db_now()
+    assert recorded_group(store, job_id) == (None, None)
+
+
+def test_rescuer_on_another_host_holds_the_retry_for_the_grace_period(store, settings, groups):
+    """The group runs on node-x: this host cannot see it, let alone kill it.
+    The retry waits grace_period after the rescue (heartbeat_timeout + grace
+    after the last heartbeat); the group's record stays for node-x."""
+    job_id, runner, process = running_command(store, groups, OTHER)
+    age(store, runner)
+    before = store.db_now()
+
+    assert rescue_once(store, settings, BOOT) == 1
+    job = store.job_get(job_id)
+    assert job.status == Status.PENDING
+    held = (job.run_at - before).total_seconds()
+    assert settings.grace_period <= held < settings.grace_period + 5, held
+    assert len(group_pids(process.pid)) == 3  # not this host's to touch
+    assert recorded_group(store, job_id) == (process.pid, runner)
+    assert start_ids(store, register(store, "node-y"), "node-y") == []  # not due yet
+
+    # node-x's next runner finds the group of its dead runner, kills it, and
+    # the retry is due at once.
+    rescue_once(store, settings.replace(node=OTHER), BOOT)
+    assert group_pids(process.pid) == []
+    assert store.job_get(job_id).run_at <= store.db_now()
+    assert recorded_group(store, job_id) == (None, None)
+
+
+def test_group_without_the_jobs_mark_is_never_killed(store, settings, groups):
+    """The recorded pgid now names processes that do not carry the job's
+    mark (a pid reused by someone else's group): they are left alone. No
+    process of the job's is left, so its retry may start."""
+    job_id, runner, process = running_command(store, groups, settings.node, pid=gone_pid(),
+                                              mark_job=10**6)
+    assert rescue_once(store, settings, BOOT) == 1
+    assert len(group_pids(process.pid)) == 3
+    job = store.job_get(job_id)
+    assert job.status == Status.PENDING and job.run_at <= store.db_now()
+    assert recorded_group(store, job_id) == (None, None)
+
+
+def test_a_job_rescued_under_its_runner_records_no_group(store, settings):
+    job_id = submit(store, retries=1)
+    runner = register(store)
+    assert start(store, runner) == [job_id]
+    age(store, runner)
+    rescue_once(store, settings, BOOT)
+    assert store.job_process_group(job_id, runner, 4242) is False
+    assert recorded_group(store, job_id) == (None, None)
 
 
 def test_poison_error_says_the_job_took_its_runner_down(store, settings):
