@@ -444,7 +444,7 @@ def running_command(store: Store, groups: list, node: str, pid: int | None = Non
     recorded a live process group; (job id, runner id, its leader)."""
     job_id = submit(store, retries=1)
     runner = register(store, node, pid=pid, boot=BOOT)
-    assert start(store, runner, node) == [job_id]
+    assert start_ids(store, runner, node) == [job_id]
     process = command_group(runner, mark_job or job_id)
     groups.append(process)
     wait_for(lambda: len(group_pids(process.pid)) == 3, message="the group's three processes")
