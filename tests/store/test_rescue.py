@@ -505,7 +505,7 @@ def test_group_without_the_jobs_mark_is_never_killed(store, settings, groups):
 def test_a_job_rescued_under_its_runner_records_no_group(store, settings):
     job_id = submit(store, retries=1)
     runner = register(store)
-    assert start(store, runner) == [job_id]
+    assert start_ids(store, runner) == [job_id]
     age(store, runner)
     rescue_once(store, settings, BOOT)
     assert store.job_process_group(job_id, runner, 4242) is False
