@@ -387,13 +387,12 @@ def run(obj: Context, once, period, margin):
 def runners(obj: Context, limit, as_json):
     """Runners, newest first: node, pid, state, heartbeat age, jobs. A runner
     whose heartbeat is too old (or whose process is gone) is shown dead."""
-    from .rescue import death_reason
+    from .rescue import runner_state
     from .runner import boot_id
 
     rows = obj.store.runners_list(limit)
     my_boot = boot_id()
-    states = {r.id: ("dead" if r.state in ("claiming", "draining")
-                     and death_reason(r, obj.settings, my_boot) else r.state) for r in rows}
+    states = {r.id: runner_state(r, obj.settings, my_boot).value for r in rows}
     if as_json:
         emit_json([{"id": r.id, "node": r.node, "pid": r.pid, "state": states[r.id],
                     "started_at": r.started_at, "heartbeat_at": r.heartbeat_at,
@@ -402,7 +401,7 @@ def runners(obj: Context, limit, as_json):
         return
     click.echo(f"{'ID':>6}  {'NODE':<20}  {'PID':>7}  {'STATE':<9}  {'HEARTBEAT':>9}  JOBS")
     for r in rows:
-        age = f"{r.heartbeat_age:.0f}s ago" if r.state != "exited" else "-"
+        age = f"{r.heartbeat_age:.0f}s ago" if states[r.id] != "exited" else "-"
         click.echo(f"{r.id:>6}  {r.node[:20]:<20}  {r.pid:>7}  {states[r.id]:<9}  {age:>9}  "
                    f"{' '.join(map(str, r.running)) or '-'}")
 

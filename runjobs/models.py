@@ -29,6 +29,26 @@ class Status(str, enum.Enum):
         return self in FINAL
 
 
+class RunnerState(str, enum.Enum):
+    """A runner's row: claiming until its deadline, then draining (its jobs
+    finish), then exited; drained when it started on a drained node and
+    claims nothing; dead when another runner found it gone and rescued its
+    jobs. Claiming and draining runners may still be found dead."""
+
+    CLAIMING = "claiming"
+    DRAINING = "draining"
+    DRAINED = "drained"
+    EXITED = "exited"
+    DEAD = "dead"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# The states of a runner that may still hold jobs: what rescue looks at.
+LIVE_RUNNER_STATES = (RunnerState.CLAIMING.value, RunnerState.DRAINING.value)
+
+
 FINAL = frozenset(
     {Status.CANCELED, Status.SUCCESS, Status.WARNING, Status.FAILURE,
      Status.EXPIRED, Status.ABANDONED}

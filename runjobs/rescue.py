@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 from .config import Settings
 from .groups import kill_group, marker
+from .models import LIVE_RUNNER_STATES, RunnerState
 from .store import RunnerRow, Store
 
 log = logging.getLogger("runjobs.rescue")
@@ -59,6 +60,16 @@ def death_reason(runner: RunnerRow, settings: Settings, my_boot: str | None) -> 
         return Death(f"{where} died (no heartbeat for {runner.heartbeat_age:.0f}s)",
                      by_heartbeat=True)
     return None
+
+
+def runner_state(runner: RunnerRow, settings: Settings, my_boot: str | None) -> RunnerState:
+    """The state to show for `runner`: its row's, or dead when its row says
+    it may hold jobs but `death_reason` finds it gone. The one place that
+    decides it, for `runners` and everything else that shows runners."""
+    state = RunnerState(runner.state)
+    if state.value in LIVE_RUNNER_STATES and death_reason(runner, settings, my_boot):
+        return RunnerState.DEAD
+    return state
 
 
 def rescue_once(store: Store, settings: Settings, my_boot: str | None,

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import sqlalchemy as sa
 
 from ..capacity import fitting, needs_of, usage
-from ..models import Job, Outcome, Status
+from ..models import Job, Outcome, RunnerState, Status
 from ..schema import ACTIVE_STATUSES, jobs, runners
 from .finish import FinishQueries
 from .plain_round import PlainRound
@@ -123,7 +123,7 @@ class ClaimQueries(PlainRound, FinishQueries):
         that comes back takes nothing new: no one would ever rescue jobs of
         a 'dead' runner."""
         alive = sa.exists().where(runners.c.id == sa.bindparam("runner"),
-                                  runners.c.state != "dead")
+                                  runners.c.state != RunnerState.DEAD.value)
         now = self.dialect.clock
         # The rows are found by id. The compare-and-set on PENDING is wrapped
         # so that no planner takes it as a reason to walk ix_jobs_pending:

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import sqlalchemy as sa
 
-from ..models import Status
+from ..models import LIVE_RUNNER_STATES, RunnerState, Status
 from ..schema import ACTIVE_STATUSES, jobs, runners
 from .connections import Connections
 from .shared import RUNNING, held_by, status_is
@@ -33,6 +33,9 @@ class RunnerRow:
 
 
 
+DEAD = RunnerState.DEAD.value
+
+
 class RunnerQueries(Connections):
     def runner_register(self, node: str, pid: int, boot_id: str | None,
                         deadline: dt.datetime | None, version: str) -> int:
@@ -40,7 +43,7 @@ class RunnerQueries(Connections):
             now = self.dialect.now()
             return conn.execute(
                 sa.insert(runners)
-                .values(node=node, pid=pid, boot_id=boot_id, state="claiming",
+                .values(node=node, pid=pid, boot_id=boot_id, state=RunnerState.CLAIMING.value,
                         started_at=now, heartbeat_at=now, deadline=deadline, version=version)
                 .returning(runners.c.id)
             ).scalar_one()
@@ -50,18 +53,18 @@ class RunnerQueries(Connections):
         jobs rescued): nothing is written then, and the runner must stop."""
         with self._tx() as conn:
             return conn.execute(
-                sa.update(runners).where(runners.c.id == runner_id, runners.c.state != "dead")
+                sa.update(runners).where(runners.c.id == runner_id, runners.c.state != DEAD)
                 .values(heartbeat_at=self.dialect.now())).rowcount == 1
 
-    def runner_set_state(self, runner_id: int, state: str) -> None:
+    def runner_set_state(self, runner_id: int, state: RunnerState) -> None:
         with self._tx() as conn:
             now = self.dialect.now()
-            values: dict[str, Any] = {"state": state, "heartbeat_at": now}
-            if state == "exited":
+            values: dict[str, Any] = {"state": RunnerState(state).value, "heartbeat_at": now}
+            if state == RunnerState.EXITED:
                 values["exited_at"] = now
             # A runner declared dead stays dead: its jobs are someone else's.
             conn.execute(sa.update(runners).where(runners.c.id == runner_id,
-                                                  runners.c.state != "dead").values(**values))
+                                                  runners.c.state != DEAD).values(**values))
 
     def runners_list(self, limit: int = 100) -> list[RunnerRow]:
         with self._read_tx() as conn:
@@ -88,7 +91,7 @@ class RunnerQueries(Connections):
         with self._read_tx() as conn:
             now = self.db_now(conn)
             rows = conn.execute(
-                sa.select(runners).where(runners.c.state.in_(["claiming", "draining"]))
+                sa.select(runners).where(runners.c.state.in_(LIVE_RUNNER_STATES))
                 .order_by(runners.c.id)).all()
         return [RunnerRow(**r._asdict(), heartbeat_age=(now - r.heartbeat_at).total_seconds(),
                           running=()) for r in rows]
@@ -118,12 +121,12 @@ class RunnerQueries(Connections):
         """
         with self._tx() as conn:
             now = self.dialect.now()
-            where = [runners.c.id == runner_id, runners.c.state.in_(["claiming", "draining"])]
+            where = [runners.c.id == runner_id, runners.c.state.in_(LIVE_RUNNER_STATES)]
             if stale_after is not None:
                 where.append(runners.c.heartbeat_at < self.dialect.now_plus(-stale_after))
             claimed = conn.execute(
                 sa.update(runners).where(*where)
-                .values(state="dead", exited_at=now).returning(runners.c.id)).first()
+                .values(state=DEAD, exited_at=now).returning(runners.c.id)).first()
             if claimed is None:
                 return None
             mine = held_by(runner_id)
@@ -176,7 +179,7 @@ class RunnerQueries(Connections):
                 sa.select(jobs.c.id, jobs.c.pgid, jobs.c.pgid_runner, runners.c.boot_id)
                 .join(runners, runners.c.id == jobs.c.pgid_runner)
                 .where(jobs.c.pgid.is_not(None), runners.c.node == node,
-                       runners.c.state == "dead")
+                       runners.c.state == DEAD)
                 .order_by(jobs.c.id))]
 
     def process_group_cleared(self, job_id: int, runner_id: int) -> bool:

@@ -365,20 +365,19 @@ def test_a_round_that_asks_nothing_does_not_declare_the_database_back(environ, s
     runner = Runner(settings, store, Registry(settings))
     runner.register(None)
     Client(settings).submit("sleep", {"seconds": 2})
-    assert runner.tick().started == 1
+    # Rounds at chosen monotonic times: the cancel check is due every 0.5 s
+    # while a job runs, expiry and rescue every 5 s (the defaults).
+    t = time.monotonic()
+    assert runner.tick(t).started == 1
     url = environ["RUNJOBS_DATABASE_URL"]
     caplog.set_level("INFO", logger="runjobs.runner")
     allow_connections(url, False)
     try:
-        runner._next_cancel_check = 0.0  # a query is due: it fails
-        runner.tick()
-        later = time.monotonic() + 60  # no check due either: the next round asks nothing
-        runner._next_cancel_check = runner._next_expire = runner._next_rescue = later
-        runner.tick()  # the job still runs, no slot is free
+        runner.tick(t + 1.0)  # the cancel check is due: it fails
+        runner.tick(t + 1.1)  # nothing is due, no job ended, no slot free: no query
     finally:
         allow_connections(url, True)
-    runner._next_cancel_check = 0.0
-    runner.tick()
+    runner.tick(t + 2.0)  # the cancel check is due again, and answered
     said = [r.getMessage() for r in caplog.records if "database" in r.getMessage()]
     assert [("unavailable" in m, "available again" in m) for m in said] == [
         (True, False), (False, True)], said
