@@ -96,6 +96,10 @@ def test_the_wheel_holds_the_migrations_and_the_cron_script(wheel):
     assert versions and all(f"runjobs/migrations/versions/{v}" in names for v in versions)
     assert {"runjobs/migrations/env.py", "runjobs/migrations/script.py.mako"} <= set(names)
     assert any(n.endswith(".data/scripts/runjobs.sh") for n in names)
+    # Every module of the package, sub-packages included (setup.cfg lists
+    # them one by one: a new one left out would fail only when imported).
+    sources = {str(p.relative_to(REPO)) for p in (REPO / "runjobs").rglob("*.py")}
+    assert sources <= set(names), sorted(sources - set(names))
 
 
 def test_an_installed_wheel_runs_a_cycle_on_sqlite_from_any_directory(venv, tmp_path):
