@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     # host's config and home out of it, as for the runner processes.
     os.environ.update(RUNJOBS_HOME=str(root / "harness"), RUNJOBS_CONFIG=str(root / "runjobs.toml"))
     started = time.monotonic()
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     targets = {kind: Target(kind, root, pg_url) for kind in kinds}
     results: dict[str, dict] = {kind: {} for kind in kinds}
     code_before = _code_hash()
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("runjobs/ changed while the benchmark ran: its figures mix versions of "
                      "the code; run it again")
     report = {
-        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "started": started_at,
         "mode": "quick" if args.quick else "full",
         "wall_s": round(wall, 1),
         "sizes": size,
