@@ -24,8 +24,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 
+import runjobs
+
 REPO = Path(__file__).resolve().parent.parent
 SETUP_TIMEOUT = 120          # seconds for `runjobs db upgrade` and friends
+CHUNK = 1000                 # jobs per submit_many transaction when filling a queue
 
 
 def to_epoch(value: Any) -> float | None:
@@ -217,6 +220,43 @@ class Target:
             finally:
                 conn.close()
         return sqlite3.sqlite_version
+
+
+# -- the queue of a drain ---------------------------------------------------------------
+
+def queue_noops(db: Db, count: int) -> int:
+    """Queue `count` noop jobs in bulk (not timed), the same way for the
+    engine's drain and the plain drains, and return the largest id before
+    them. On PostgreSQL the table is then analyzed, so that both sides plan
+    with the same, current statistics: right after a bulk insert they are
+    stale, and a plain client planning on them got a bitmap scan and a sort
+    for every claim (see "The bitmap scan" in docs/benchmarks.md)."""
+    (before,), = db.query("SELECT COALESCE(MAX(id), 0) FROM jobs")
+    client = runjobs.connect(db.url)
+    try:
+        for start in range(0, count, CHUNK):
+            client.submit_many([{"action": "noop"}] * min(CHUNK, count - start))
+    finally:
+        client.close()
+    if db.is_postgres:
+        conn = db.connect()
+        try:
+            conn.autocommit = True
+            conn.cursor().execute("ANALYZE jobs")
+        finally:
+            conn.close()
+    return before
+
+
+def finished_window(db: Db, after_id: int) -> tuple[int, float, float]:
+    """Of the jobs with ids above `after_id`: how many ended SUCCESS, the
+    first one's start and the last one's finish (epoch seconds, the
+    database's clock on PostgreSQL). The engine's drain and the plain ones
+    are both timed by this window, so neither counts its start-up."""
+    (done, first_start, last_finish), = db.query(
+        "SELECT COUNT(*), MIN(started_at), MAX(finished_at) FROM jobs "
+        "WHERE status = 'SUCCESS' AND id > %s", (after_id,))
+    return done, to_epoch(first_start), to_epoch(last_finish)
 
 
 # -- bulk data, with plain SQL ------------------------------------------------------

@@ -20,27 +20,16 @@ import time
 
 import runjobs
 
-from .ceiling import PlainInserts
-from .dbs import REPO, Db, insert_finished, runjobs_cli, to_epoch
+from .dbs import REPO, Db, finished_window, insert_finished, queue_noops, runjobs_cli, to_epoch
+from .yardsticks import PlainInserts
 
 DRAIN_TIMEOUT = 420          # seconds one `run --once` may take
-CHUNK = 1000                 # jobs per submit_many transaction when filling the queue
 
 
 def _client(db: Db) -> runjobs.Client:
     client = runjobs.connect(db.url)
     client.submit_many([])   # opens the store (and checks its schema) outside any timing
     return client
-
-
-def _fill(db: Db, count: int) -> None:
-    """Queue `count` noop jobs in bulk (not timed)."""
-    client = _client(db)
-    try:
-        for start in range(0, count, CHUNK):
-            client.submit_many([{"action": "noop"}] * min(CHUNK, count - start))
-    finally:
-        client.close()
 
 
 def _spawn(db: Db, argv: list[str], **env: str) -> tuple[subprocess.Popen, object]:
@@ -66,12 +55,17 @@ def _final_counts(db: Db) -> dict[str, int]:
 # -- drain ----------------------------------------------------------------------------
 
 def drain(db: Db, jobs: int, preload: int = 0) -> dict[str, float]:
-    """`jobs` noop jobs queued in bulk, then one `runjobs run --once` with 8
-    slots. `preload` finished jobs are inserted first (the growth workload)."""
+    """`jobs` noop jobs queued in bulk (dbs.queue_noops), then one `runjobs
+    run --once` with 8 slots. `preload` finished jobs are inserted first
+    (the growth workload).
+
+    `jobs_per_s` runs from the runner's exec to its last job's finish, its
+    start-up included, as cron sees it. `jobs_per_s_excl_startup` runs
+    from its first claim, by the database's timestamps, as the plain drains
+    are timed (yardsticks.plain_drain): the rate the paired ratios read."""
     if preload:
         insert_finished(db, preload)
-    (before,), = db.query("SELECT COALESCE(MAX(id), 0) FROM jobs")
-    _fill(db, jobs)
+    before = queue_noops(db, jobs)
     argv = [sys.executable, "-m", "runjobs", "run", "--once"]
     start = time.time()
     proc, out = _spawn(db, argv, RUNJOBS_CAPACITY="default=8")
@@ -87,12 +81,9 @@ def drain(db: Db, jobs: int, preload: int = 0) -> dict[str, float]:
     exited = time.time()
     if code != 0:
         raise RuntimeError(f"drain: runner exited {code}: {_tail(db)}")
-    (done, first_start, last_finish), = db.query(
-        "SELECT COUNT(*), MIN(started_at), MAX(finished_at) FROM jobs "
-        "WHERE status = 'SUCCESS' AND id > %s", (before,))
+    done, first_start, last_finish = finished_window(db, before)
     if done != jobs:
         raise RuntimeError(f"drain: {done} of {jobs} jobs SUCCESS: {_final_counts(db)}")
-    first_start, last_finish = to_epoch(first_start), to_epoch(last_finish)
     return {
         "jobs_per_s": jobs / (last_finish - start),
         "jobs_per_s_excl_startup": jobs / (last_finish - first_start),
@@ -105,13 +96,14 @@ def drain(db: Db, jobs: int, preload: int = 0) -> dict[str, float]:
 
 def submit(db: Db, jobs: int, blocks: int = 5) -> dict[str, float]:
     """`jobs` single Client.submit calls (each its own transaction), in
-    `blocks` turns with as many plain inserts (the ceiling's, into the same
-    table); then `jobs` more through one `runjobs submit --batch -` process.
+    `blocks` turns with as many plain inserts (yardsticks.PlainInserts,
+    into the same table); then `jobs` more through one `runjobs submit
+    --batch -` process. `vs_plain` is this run's API rate over its plain one.
 
     The turns let the API's rate and the plain rate meet the machine in the
-    same state: measured a minute apart, in the ceiling workload, the plain
-    rate of SQLite moved between 45,700 and 57,800/s from run to run while
-    the API's stayed at 31,400-33,600/s."""
+    same state: measured a minute apart, in the old ceiling workload, the
+    plain rate of SQLite moved between 45,700 and 57,800/s from run to run
+    while the API's stayed at 31,400-33,600/s."""
     client = _client(db)
     # Untimed: the first submit's one-time work (the store's kept connection,
     # compiling the insert, loading the actions) is not a submit's rate.
@@ -140,6 +132,7 @@ def submit(db: Db, jobs: int, blocks: int = 5) -> dict[str, float]:
     if count != 3 * jobs + 1:
         raise RuntimeError(f"submit: {count} jobs stored, expected {3 * jobs + 1}")
     return {"api_per_s": jobs / api_s, "plain_insert_per_s": jobs / plain_s,
+            "vs_plain": plain_s / api_s,
             "cli_batch_per_s": jobs / cli_s, "cli_batch_wall_s": cli_s}
 
 
