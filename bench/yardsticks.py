@@ -6,7 +6,7 @@ they do for the engine (a claim writes QUEUED and RUNNING events, a finish
 its final one, an insert sends the NOTIFY). Each PostgreSQL connection runs
 in autocommit, so a statement is one round trip that commits by itself, and
 with the session settings of runjobs' own engine (`make_engine` in
-runjobs/store.py: no bitmap scans). Before issue 12 the yardsticks ran in
+runjobs/store/dialect.py: no bitmap scans). Before issue 12 the yardsticks ran in
 transactions (psycopg2 sends BEGIN, the statement and COMMIT: three round
 trips per statement) with the triggers off, and the drain on the stale
 statistics of a bulk insert with bitmap scans allowed: they measured a
@@ -30,11 +30,11 @@ from .dbs import Db, finished_window, libpq_url, queue_noops, sqlite_path
 
 THREADS = 8
 JOIN_TIMEOUT = 300           # seconds a plain drain may take
-# runjobs' PostgreSQL sessions run with these (runjobs/store.py, make_engine).
+# runjobs' PostgreSQL sessions run with these (runjobs/store/dialect.py, PostgreSQL.create_engine).
 PG_OPTIONS = "-c enable_bitmapscan=off"
 
-# What the engine's claim asks for too (runjobs/store.py, Store._due and
-# _ORDER): a due PENDING job, best first, none another session holds.
+# What the engine's claim asks for too (runjobs/store/claim.py, ClaimQueries._due and
+# shared.ORDER): a due PENDING job, best first, none another session holds.
 CANDIDATES = ("SELECT id FROM jobs WHERE status = 'PENDING' AND run_at <= now() "
               "AND (max_start_at IS NULL OR max_start_at > now()) "
               "ORDER BY priority DESC, run_at, id LIMIT {batch} FOR UPDATE SKIP LOCKED")
@@ -106,7 +106,7 @@ class PlainInserts:
     """Single-row INSERTs of a PENDING job, each committing by itself, from
     one connection kept open: what a submit costs with no engine around it.
 
-    Like the engine's single submit (runjobs/store.py, Store._submit_one):
+    Like the engine's single submit (runjobs/store/submit.py, SubmitQueries._submit_one):
     on PostgreSQL one statement in autocommit, one round trip, its insert
     trigger sending the NOTIFY; on SQLite one INSERT in sqlite3's autocommit
     mode, the statement taking the write lock itself, its id the cursor's
@@ -119,7 +119,7 @@ class PlainInserts:
                         "updated_at) VALUES ('noop', '{}', 'PENDING', now(), now(), now()) "
                         "RETURNING id")
         else:
-            # The same pragmas as runjobs' own connections (runjobs/store.py).
+            # The same pragmas as runjobs' own connections (runjobs/store/dialect.py).
             self.conn = sqlite3.connect(sqlite_path(db.url), isolation_level=None)
             for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000"):
                 self.conn.execute(f"PRAGMA {pragma}")
