@@ -1,6 +1,7 @@
 """submit, list, show, log, cancel and submit --wait against a real
-database (SQLite file and PostgreSQL): in process, but for `run`, the
-waiters of `submit --wait` and a few smoke tests of the real entry point."""
+database (SQLite file and PostgreSQL): in process, but for `run` and the
+waiters of `submit --wait`, which are real processes (test_entry_point.py
+has the smoke tests of the real entry point)."""
 
 from __future__ import annotations
 
