@@ -11,7 +11,7 @@ import datetime as dt
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import click
 
@@ -20,6 +20,9 @@ from .config import parse_duration, parse_when
 from .errors import ConfigError, Conflict, NotFound, RunjobsError, UsageError
 from .limits import ID_MAX, INT_MAX, INT_MIN, LIST_LIMIT_MAX
 from .models import FINAL, WAIT_EXIT_CODES, Status
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 
 # -- param types -------------------------------------------------------------
@@ -120,18 +123,27 @@ def _one_param(item: str) -> tuple[str, Any]:
 # -- the lazy context ----------------------------------------------------------
 
 class Context:
-    """Settings, client and store, built on first use."""
+    """Settings, client and store, built on first use.
 
-    def __init__(self) -> None:
-        self._settings = None
+    `settings`, when given, are used as they are; otherwise they are loaded
+    on first use from `environ` (None: os.environ). Tests inject either, so
+    a command runs in process on a test database without reading the real
+    environment. `close()` disposes whatever was opened.
+    """
+
+    def __init__(self, settings: Settings | None = None,
+                 environ: Mapping[str, str] | None = None) -> None:
+        self._settings = settings
+        self.environ = environ
         self._client = None
+        self._schema_store = None
 
     @property
-    def settings(self):
+    def settings(self) -> Settings:
         if self._settings is None:
             from .config import load_settings
 
-            self._settings = load_settings()
+            self._settings = load_settings(self.environ)
         return self._settings
 
     @property
@@ -145,6 +157,22 @@ class Context:
     @property
     def store(self):
         return self.client.store
+
+    @property
+    def schema_store(self):
+        """A store on the database as it is: no schema check, no upgrade (for `db`)."""
+        if self._schema_store is None:
+            from .store import Store, make_engine
+
+            self._schema_store = Store(make_engine(self.settings), self.settings)
+        return self._schema_store
+
+    def close(self) -> None:
+        """Dispose the client's store and the schema store, if opened."""
+        if self._client is not None:
+            self._client.close()
+        if self._schema_store is not None:
+            self._schema_store.dispose()
 
 
 pass_context = click.make_pass_decorator(Context, ensure=True)
@@ -419,9 +447,8 @@ def upgrade(obj: Context):
     """Upgrade the database schema to this version's head."""
     from . import migrate
     from .config import mask_url
-    from .store import Store, make_engine
 
-    store = Store(make_engine(obj.settings), obj.settings)
+    store = obj.schema_store
     before = store.schema_revision()
     migrate.upgrade(store)
     after = store.schema_revision()
@@ -436,20 +463,23 @@ def current(obj: Context):
     """The schema revision the database is at, and the one this code needs."""
     from .config import mask_url
     from .schema import HEAD_REVISION
-    from .store import Store, make_engine
 
-    revision = Store(make_engine(obj.settings), obj.settings).schema_revision()
+    revision = obj.schema_store.schema_revision()
     state = "at head" if revision == HEAD_REVISION else f"needs {HEAD_REVISION}: run `runjobs db upgrade`"
     click.echo(f"{mask_url(obj.settings.database_url)}: {revision or 'empty'} ({state})")
     if revision != HEAD_REVISION:
         sys.exit(1)
 
 
-def main() -> None:
-    """Entry point: errors are one line on stderr (bad input exits 2, a
-    missing job or a status that forbids the command 1)."""
+def run_cli(argv: Sequence[str] | None = None, obj: Context | None = None) -> int:
+    """Run the command line on `argv` (None: sys.argv[1:]) and return its
+    exit code: errors are one line on stderr (bad input 2, a missing job or
+    a status that forbids the command 1). `obj` is the context the commands
+    get (None: a lazy one on os.environ); it is closed before returning.
+    """
+    obj = Context() if obj is None else obj
     try:
-        code = cli.main(prog_name="runjobs", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="runjobs", standalone_mode=False, obj=obj)
     except click.exceptions.NoArgsIsHelpError as exc:
         click.echo(exc.ctx.get_help())
         code = 0
@@ -459,4 +489,13 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("runjobs: aborted", err=True)
         code = 1
-    sys.exit(code if isinstance(code, int) else 0)
+    except SystemExit as exc:  # a command's own exit code: submit --wait, cancel, run
+        code = exc.code
+    finally:
+        obj.close()
+    return code if isinstance(code, int) else 0
+
+
+def main() -> None:
+    """Entry point (`runjobs`, `python -m runjobs`)."""
+    sys.exit(run_cli())

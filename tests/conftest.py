@@ -1,5 +1,6 @@
 """Shared fixtures: real databases (a SQLite file, and PostgreSQL when
-RUNJOBS_TEST_PG_URL is set), real processes.
+RUNJOBS_TEST_PG_URL is set), the command line in process (`cli`) and as
+a real process (`cli_process`).
 
 Database-facing tests take the `db` fixture, parametrized over both
 databases; without RUNJOBS_TEST_PG_URL the PostgreSQL half skips.
@@ -11,14 +12,17 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 
 from runjobs.config import Settings, load_settings, pg_url
 from runjobs import migrate
+from runjobs.cli import Context, run_cli
 from runjobs.models import Status
 from runjobs.schema import jobs
 from runjobs.store import Store, make_engine, open_store
@@ -105,20 +109,57 @@ def store(settings) -> Store:
     store.dispose()
 
 
-def runjobs_cmd(*args: str) -> list[str]:
+@dataclass
+class CliResult:
+    """What `cli` returns: the fields of subprocess.CompletedProcess that tests read."""
+
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def runjobs_cmd(*args: str | bytes) -> list[str | bytes]:
     return [sys.executable, "-m", "runjobs", *args]
 
 
-def cli(environ: dict[str, str], *args: str, input: str | None = None,
-        timeout: float = 60, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
-    """Run `runjobs ARGS` as a real process."""
+# While a command runs in process, the real environment's RUNJOBS_* name
+# nothing usable: a command that read os.environ instead of the environ it
+# was given fails (exit 2, naming the variable) instead of passing by luck.
+_NOT_THE_REAL_ENVIRON = "/runjobs-read-the-real-os.environ-in-process"
+_POISONED_ENVIRON = {name: _NOT_THE_REAL_ENVIRON
+                     for name in ("RUNJOBS_HOME", "RUNJOBS_CONFIG", "RUNJOBS_DATABASE_URL")}
+
+
+def cli(environ: dict[str, str], *args: str, input: str | None = None) -> CliResult:
+    """Run `runjobs ARGS` in this process: the path `main()` takes, on a
+    context loading its settings from `environ`, with stdin, stdout and
+    stderr captured by click's CliRunner. `run` and bytes in argv need a
+    real process: `cli_process`."""
+    if args and args[0] == "run":
+        raise ValueError("`runjobs run` starts runners, signals, logging: use cli_process")
+    if any(isinstance(arg, bytes) for arg in args):
+        raise ValueError("bytes in argv are decoded by a real interpreter: use cli_process")
+    runner = CliRunner()
+    with runner.isolation(input=input, env=_POISONED_ENVIRON) as (stdout, stderr, _):
+        code = run_cli(list(args), obj=Context(environ=environ))
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return CliResult(["runjobs", *args], code, stdout.getvalue().decode("utf-8", "replace"),
+                     stderr.getvalue().decode("utf-8", "replace"))
+
+
+def cli_process(environ: dict[str, str], *args: str | bytes, input: str | None = None,
+                timeout: float = 60, cwd: str | Path | None = None
+                ) -> subprocess.CompletedProcess:
+    """Run `runjobs ARGS` as a real process (`python -m runjobs`)."""
     return subprocess.run(runjobs_cmd(*args), env=environ, input=input, capture_output=True,
                           text=True, timeout=timeout, cwd=cwd)
 
 
 def submit_job(environ: dict[str, str], *args: str) -> int:
     """`runjobs submit ARGS` as a process; its id."""
-    result = cli(environ, "submit", *args)
+    result = cli_process(environ, "submit", *args)
     assert result.returncode == 0, result.stderr
     return int(result.stdout)
 
@@ -127,7 +168,7 @@ def show_job(environ: dict[str, str], job_id: int) -> dict:
     """`runjobs show ID --json` as a process."""
     import json
 
-    result = cli(environ, "show", str(job_id), "--json")
+    result = cli_process(environ, "show", str(job_id), "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 

@@ -1,5 +1,7 @@
-"""submit, list, show, log, cancel and submit --wait, as real processes
-against a real database (SQLite file and PostgreSQL)."""
+"""submit, list, show, log, cancel and submit --wait against a real
+database (SQLite file and PostgreSQL): in process, but for `run` and the
+waiters of `submit --wait`, which are real processes (test_entry_point.py
+has the smoke tests of the real entry point)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import cli, runjobs_cmd, wait_for
+from conftest import cli, cli_process, runjobs_cmd, wait_for
 from runjobs.models import JobSpec, Status
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00$")
@@ -201,7 +203,7 @@ def test_show_json_has_its_timeline_events(environ, store):
 
 def test_log_prints_the_traceback_of_a_failed_job(environ):
     job_id = submit(environ, "fail", "message=broken on purpose")
-    ok(cli(environ, "run", "--once", timeout=30))
+    ok(cli_process(environ, "run", "--once", timeout=30))
     log = ok(cli(environ, "log", str(job_id)))
     assert "Traceback (most recent call last)" in log
     assert "RuntimeError: broken on purpose" in log
@@ -233,7 +235,7 @@ def test_submit_wait_exits_with_the_final_status(environ, store):
         wait_for(lambda: len(store.jobs_list()) == 2, timeout=20, message="both submits")
         for action, waiter in waiters.items():
             assert waiter.poll() is None, f"submit --wait {action} did not wait"
-        ok(cli(environ, "run", "--once", timeout=30))
+        ok(cli_process(environ, "run", "--once", timeout=30))
         codes = {action: waiter.wait(timeout=20) for action, waiter in waiters.items()}
     finally:
         for waiter in waiters.values():
