@@ -398,7 +398,7 @@ def run(obj: Context, once, period, margin):
 
     overrides = {k: v for k, v in (("period", period), ("margin", margin)) if v is not None}
     try:
-        settings = load_settings(**overrides) if overrides else obj.settings
+        settings = load_settings(obj.environ, **overrides) if overrides else obj.settings
     except ConfigError as exc:
         if not overrides:
             raise
