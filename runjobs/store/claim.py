@@ -24,6 +24,8 @@ from .shared import ORDER, PENDING, STARTED, active, held_by, status_is
 
 
 class ClaimQueries(PlainRound, FinishQueries):
+    """The round, as the runner calls it."""
+
     def runner_round(self, runner_id: int, node: str, capacity: Mapping[str, int],
                      results: Sequence[tuple[Job, Outcome, float | None]],
                      claim: bool, limit: int | None = None) -> list[Job]:

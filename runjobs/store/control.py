@@ -13,6 +13,7 @@ from .shared import PENDING, held_by, status_is
 
 
 class ControlQueries(Connections):
+    """Changes a person (or the runner) asks of one job."""
 
     def job_progress(self, job_id: int, done: float | None, total: float | None,
                      message: str | None) -> None:

@@ -54,7 +54,6 @@ class DriverSql:
         return values
 
 
-
 def json_loads(text: str) -> Any:
     """json.loads, but the texts of no params and no needs, which most jobs
     have, are known: decoding them was a round's largest cost in Python."""

@@ -29,6 +29,8 @@ class Finish:
 
 
 class FinishQueries(Connections):
+    """Outcomes, written in the round's transaction or on their own."""
+
     def jobs_finish(self, runner_id: int, results: Sequence[tuple[Job, Outcome, float | None]]
                     ) -> list[int]:
         """Record outcomes of this runner's RUNNING (or TO_CANCEL) jobs.

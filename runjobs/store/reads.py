@@ -16,6 +16,7 @@ from .shared import job_of, status_is
 
 
 class ReadQueries(Connections):
+    """What `show`, `list` and the runner's checks read."""
 
     def job_get(self, job_id: int) -> Job:
         """The job; raises NotFound."""

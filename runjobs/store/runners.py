@@ -37,6 +37,8 @@ DEAD = RunnerState.DEAD.value
 
 
 class RunnerQueries(Connections):
+    """Runner rows, and the rescue of a dead runner's jobs."""
+
     def runner_register(self, node: str, pid: int, boot_id: str | None,
                         deadline: dt.datetime | None, version: str) -> int:
         with self._tx() as conn:

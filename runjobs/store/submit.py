@@ -33,6 +33,7 @@ class Submitted:
 
 
 class SubmitQueries(Connections):
+    """New jobs."""
 
     def jobs_submit(self, specs: Sequence[JobSpec]) -> list[Submitted]:
         """Store new jobs in one transaction, in order.
