@@ -208,8 +208,13 @@ def test_logrotate_file_rotates_while_a_runner_keeps_logging(environ, tmp_path):
     conf = tmp_path / "logrotate.conf"
     conf.write_text(CONTRIB.joinpath("runjobs.logrotate").read_text()
                     .replace("/var/lib/runjobs/logs", str(log_dir)))
-    runner = subprocess.Popen([sys.executable, "-m", "runjobs", "run", "--period", "60",
-                               "--margin", "1"], env=environ, stdout=subprocess.DEVNULL,
+    # A long job keeps `run --once` claiming (and logging) for the whole
+    # test, whenever in the minute it starts: a cycle with a deadline could
+    # reach it before the job that logs after the rotation is submitted.
+    runjobs = [sys.executable, "-m", "runjobs"]
+    subprocess.run([*runjobs, "submit", "sleep", "seconds=60"], env=environ, check=True,
+                   capture_output=True, timeout=60)
+    runner = subprocess.Popen([*runjobs, "run", "--once"], env=environ, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         log = log_dir / "runjobs.log"
@@ -218,7 +223,7 @@ def test_logrotate_file_rotates_while_a_runner_keeps_logging(environ, tmp_path):
                                  capture_output=True, text=True, timeout=60)
         assert rotated.returncode == 0, rotated.stderr
         assert "started on" in (log_dir / "runjobs.log.1").read_text()
-        job_id = subprocess.run([sys.executable, "-m", "runjobs", "submit", "fail"], env=environ,
+        job_id = subprocess.run([*runjobs, "submit", "fail"], env=environ,
                                 capture_output=True, text=True, timeout=60).stdout.strip()
         wait_for(lambda: log.exists() and f"job {job_id} (fail) ended FAILURE" in log.read_text(),
                  30, message="the runner's line in the new log")
