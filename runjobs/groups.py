@@ -8,7 +8,7 @@ things end them when their runner is gone:
 - The kernel's parent-death signal (PR_SET_PDEATHSIG, SIGKILL), set in the
   child between fork and exec. It is sent when the *thread* that forked the
   child ends, not the process: runjobs starts each child from a job worker
-  thread that waits for it and lives for the whole cycle (`runner._Workers`),
+  thread that waits for it and lives for the whole cycle (`jobthreads._Workers`),
   so the two ends coincide. It reaches the group's leader only: processes the
   command started itself live on in its group.
 - A rescuer on the same node (same boot) kills what is left of the group the
