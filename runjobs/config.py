@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -169,50 +170,45 @@ def pg_url(url: str) -> str:
 # The database URLs runjobs supports: SQLite, and PostgreSQL through psycopg2
 # (`pg_url` maps postgresql:// and postgres:// to it).
 _DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+psycopg2")
-# SQLAlchemy's reading of a URL (sqlalchemy.engine.url._parse_url), copied:
-# importing SQLAlchemy to check a setting would cost `run` 0.3 s on the
-# path that finds the lock held and exits.
-_URL = re.compile(r"""
-    (?P<name>[\w+]+)://
-    (?:(?P<username>[^:/]*)(?::(?P<password>[^@]*))?@)?
-    (?:(?:\[(?P<ipv6host>[^/?]+)\]|(?P<ipv4host>[^/:?]+))?(?::(?P<port>[^/?]*))?)?
-    """, re.X)
 
 
 def database_url(value: Any) -> str:
     """The URL runjobs connects to, checked: a supported database, a numeric
     port, and a password with an unencoded '@' read up to the last '@'
-    before the host. Messages never hold the URL: it may hold a password.
-    Raises ConfigError.
+    before the host. Read with urllib, not SQLAlchemy: importing SQLAlchemy
+    to check a setting would cost `run` 0.3 s on the path that finds the
+    lock held and exits. Messages never hold the URL: it may hold a
+    password. Raises ConfigError.
     """
     url = pg_url(str(value).strip())
-    match = _URL.match(url)
-    if match is None:
+    scheme, sep, _ = url.partition("://")
+    if not sep or not re.fullmatch(r"[\w+]+", scheme):
         raise ConfigError("database_url: not a database URL like sqlite:///PATH or "
                           "postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
-    if match["name"] not in _DRIVERS:
-        raise ConfigError(f"database_url: {match['name']!r} is not supported: runjobs runs on "
+    if scheme not in _DRIVERS:
+        raise ConfigError(f"database_url: {scheme!r} is not supported: runjobs runs on "
                           "sqlite:///PATH or postgresql://... (through psycopg2)")
-    if match["name"].startswith("postgresql"):
-        url, match = _password_at_encoded(url, match)
-    port = match["port"]
-    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+    if scheme.startswith("postgresql"):
+        url = _password_at_encoded(url)
+    try:
+        port = urllib.parse.urlsplit(url).port
+    except ValueError:  # not a number, or past 65535
+        port = 0
+    if port == 0:
         raise ConfigError("database_url: the port is not a number from 1 to 65535")
     return url
 
 
-def _password_at_encoded(url: str, match: re.Match) -> tuple[str, re.Match]:
-    """A host or port never holds an '@': if SQLAlchemy's reading puts one
-    there, the password held it. Each '@' before the last one is encoded as
-    %40, or the driver would name part of the password as the host in its
-    connection error."""
-    after = "".join(match[name] or "" for name in ("ipv6host", "ipv4host", "port"))
-    if "@" not in after or match["username"] is None:
-        return url, match
-    last_at = url.rfind("@", 0, match.end())
-    start = match.start("username")
-    url = url[:start] + url[start:last_at].replace("@", "%40") + url[last_at:]
-    return url, _URL.match(url)
+def _password_at_encoded(url: str) -> str:
+    """A host never holds an '@': every '@' before the last one in the
+    URL's authority belongs to the password, and is encoded as %40, or the
+    driver would name part of the password as the host in its connection
+    error."""
+    authority = urllib.parse.urlsplit(url).netloc
+    userinfo, at, host = authority.rpartition("@")
+    if not at or "@" not in userinfo:
+        return url
+    return url.replace(authority, userinfo.replace("@", "%40") + "@" + host, 1)
 
 
 def mask_url(url: str) -> str:
